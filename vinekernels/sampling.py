@@ -1,0 +1,250 @@
+"""Fused token sampling: temperature, top-k and top-p over the vocabulary.
+
+Definitions shared by the torch reference and the CUDA kernel (``csrc/sampling.cu``):
+
+* ``x = logits.float() / T`` in float32 (``T = 1`` for greedy rows, ``temperature == 0``).
+* Greedy rows return the lowest index of ``max(x)`` and ``log_softmax(x)[token]``; top-k and
+  top-p do not apply to them.
+* top-k (``k > 0`` and ``k < V``): ``t_k`` is the k-th largest ``x``; the kept set is
+  ``{i : x_i >= t_k}`` (ties at the boundary are all kept).
+* top-p (``p < 1``): with ``e_i = exp(x_i - max x)`` and ``M_k`` the mass of the top-k set,
+  ``t_p`` is the largest value ``t`` of ``x`` such that the mass of ``{x_i >= t}`` within the
+  top-k set is at least ``p * M_k``; the kept set is ``{i : x_i >= max(t_k, t_p)}``.
+* The draw ``u`` in ``[0, 1)`` is a counter-based hash of ``(seed, offset)``
+  (:func:`uniform_from_seed`). The sampled token is the first index, in vocabulary order, at which
+  the running kept mass exceeds ``u * M`` (``M`` = kept mass); only tokens with positive mass can
+  be drawn.
+* The returned logprob is ``x_token - max x - log M``: the log of the renormalised probability of
+  the token within the kept set (with no filtering, ``log_softmax(x)[token]``).
+
+Rows with NaN or ``+inf`` logits, or with every logit ``-inf``, have no distribution and raise a
+``ValueError`` (the CUDA path detects them in the kernel and reports after the launch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vinekernels._ext import load_extension
+
+__all__ = ["sample_tokens", "sample_tokens_torch", "processed_logprobs", "uniform_from_seed",
+           "uniform_from_seed_python", "derive_seed"]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# ---------------------------------------------------------------- counter-based hash (python)
+def _mix64_python(z: int) -> int:
+    """splitmix64 finaliser on unsigned 64-bit python ints."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _hash_python(seed: int, offset: int) -> int:
+    return _mix64_python(_mix64_python(seed + _GOLDEN) + offset)
+
+
+def uniform_from_seed_python(seed: int, offset: int) -> float:
+    """Pure-python form of :func:`uniform_from_seed` for one (seed, offset) pair."""
+    return (_hash_python(seed, offset) >> 40) / float(1 << 24)
+
+
+def derive_seed(*values: int) -> int:
+    """Deterministic 63-bit seed from any number of integers (order matters).
+
+    Used to give each sample and each branch its own random stream, e.g.
+    ``derive_seed(request_seed, offset, j)``. Negative integers are taken modulo 2**64.
+    """
+    h = _mix64_python(_GOLDEN ^ len(values))
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"derive_seed takes integers, got {type(v).__name__}")
+        h = _mix64_python(h + _GOLDEN + (v & _MASK64))
+    return h >> 1
+
+
+# ---------------------------------------------------------------- counter-based hash (torch)
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding unsigned 64-bit values."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64_torch(z: torch.Tensor) -> torch.Tensor:
+    # int64 multiplication wraps modulo 2**64, which is the unsigned product's bit pattern.
+    z = (z ^ _shr(z, 30)) * _signed64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed64(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def uniform_from_seed(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) with 24 random bits, a pure function of (seed, offset).
+
+    Bit-for-bit the same as the CUDA kernel's draw: ``h = mix(mix(seed + G) + offset)`` with
+    splitmix64's ``mix`` and ``u = (h >> 40) / 2**24``.
+    """
+    if seeds.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise ValueError("seeds and offsets must be int64 tensors")
+    h = _mix64_torch(_mix64_torch(seeds + _signed64(_GOLDEN)) + offsets)
+    return _shr(h, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+# ---------------------------------------------------------------- validation
+def _validate(logits, temperature, top_k, top_p, seeds, offsets) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor [B, V], got {getattr(logits, 'shape', logits)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    b, v = logits.shape
+    if v < 1:
+        raise ValueError("logits must have at least one vocabulary entry")
+    if v >= 2**31:
+        raise ValueError(f"vocabulary of {v} entries is too large")
+    expected = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int32),
+                "top_p": (top_p, torch.float32), "seeds": (seeds, torch.int64),
+                "offsets": (offsets, torch.int64)}
+    for name, (t, dtype) in expected.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.shape != (b,):
+            raise ValueError(f"{name} must have shape [{b}], got {list(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    if b == 0:
+        return
+    if not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()):
+        raise ValueError("temperature must be finite and >= 0 (0 = greedy)")
+    if bool((top_k < 0).any()):
+        raise ValueError("top_k must be >= 0 (0 = off)")
+    if not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError("top_p must be in (0, 1] (1 = off)")
+
+
+def _invalid_rows_error(rows: list[int]) -> ValueError:
+    shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
+    return ValueError(f"logits rows [{shown}] contain NaN or +inf, or are entirely -inf")
+
+
+# ---------------------------------------------------------------- torch reference
+def _process(logits, temperature, top_k, top_p):
+    """Scaled logits x (float32), row maxima, float64 masses e = exp(x - max) and the kept set."""
+    v = logits.shape[1]
+    greedy = temperature == 0
+    t_eff = torch.where(greedy, torch.ones_like(temperature), temperature)
+    x = logits.float() / t_eff[:, None]            # float32, as the kernel computes it
+    bad = torch.isnan(x).any(1) | (x == float("inf")).any(1) | (x == float("-inf")).all(1)
+    if bool(bad.any()):
+        raise _invalid_rows_error(bad.nonzero().flatten().tolist())
+
+    xmax = x.max(dim=1, keepdim=True).values
+    e = torch.exp(x.double() - xmax.double())       # float64 masses; e_max == 1
+    keep = torch.ones_like(x, dtype=torch.bool)
+    use_k = (top_k > 0) & (top_k < v) & ~greedy
+    use_p = (top_p < 1) & ~greedy
+    rows = (use_k | use_p).nonzero().flatten()
+    if rows.numel() > 0:
+        xs, order = torch.sort(x[rows], dim=1, descending=True, stable=True)
+        es = e[rows].gather(1, order)
+        neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+        # top-k: keep every value >= the k-th largest.
+        kth = (top_k[rows].long().clamp(1, v) - 1)[:, None]
+        thr_k = torch.where(use_k[rows][:, None], xs.gather(1, kth), neg_inf)
+        in_k = xs >= thr_k
+        mass_k = (es * in_k).sum(1, keepdim=True)
+        # top-p: the value at the first sorted position whose cumulative mass reaches p * M_k is
+        # the threshold; ties with it are kept too.
+        cum = torch.cumsum(es * in_k, dim=1)
+        target = top_p[rows].double()[:, None] * mass_k
+        first = torch.searchsorted(cum, target).clamp(max=v - 1)
+        thr_p = torch.where(use_p[rows][:, None], xs.gather(1, first), neg_inf)
+        keep[rows] = x[rows] >= torch.maximum(thr_k, thr_p)
+    return x, xmax, e, keep
+
+
+def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
+    """float32 [B, V]: log of the processed (scaled, filtered, renormalised) distribution;
+    -inf outside the kept set. Greedy rows give log_softmax(logits)."""
+    b = logits.shape[0]
+    zeros = torch.zeros(b, dtype=torch.int64, device=logits.device)
+    _validate(logits, temperature, top_k, top_p, zeros, zeros)
+    _, _, e, keep = _process(logits, temperature, top_k, top_p)
+    ek = e * keep
+    return torch.log(ek / ek.sum(1, keepdim=True)).float()
+
+
+def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
+    """Reference implementation (the CPU path); sorts only rows that filter."""
+    b, v = logits.shape
+    device = logits.device
+    greedy = temperature == 0
+    x, xmax, e, keep = _process(logits, temperature, top_k, top_p)
+    tokens = torch.empty(b, dtype=torch.int64, device=device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=device)
+    ek = e * keep
+    mass = ek.sum(1)
+    logmass = torch.log(mass)
+    if bool(greedy.any()):
+        g = greedy.nonzero().flatten()
+        tokens[g] = x[g].argmax(1)                  # first index of the maximum
+        logprobs[g] = (-logmass[g]).float()
+    s = (~greedy).nonzero().flatten()
+    if s.numel() > 0:
+        u = uniform_from_seed(seeds[s], offsets[s]).double()
+        cum = torch.cumsum(ek[s], dim=1)
+        hit = cum > (u * mass[s])[:, None]
+        first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(s, -1))
+        # Rounding can leave u * M at the total: fall back to the last token with mass.
+        last = v - 1 - (ek[s] > 0).flip(1).int().argmax(1)
+        tok = torch.where(first >= 0, first, last)
+        tokens[s] = tok
+        xt = x[s].gather(1, tok[:, None]).squeeze(1).double()
+        logprobs[s] = (xt - xmax[s, 0].double() - logmass[s]).float()
+    return tokens, logprobs
+
+
+# ---------------------------------------------------------------- dispatch
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
+                  impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens int64 [B], logprobs float32 [B]).
+
+    ``impl``: "auto" (CUDA extension for CUDA logits when it is built, else torch), "cuda" or
+    "torch". See the module docstring for the exact definitions.
+    """
+    if impl not in ("auto", "cuda", "torch"):
+        raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
+    _validate(logits, temperature, top_k, top_p, seeds, offsets)
+    if logits.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=logits.device),
+                torch.empty(0, dtype=torch.float32, device=logits.device))
+    ext = None
+    if impl != "torch" and logits.is_cuda:
+        ext = load_extension()
+    if impl == "cuda":
+        if not logits.is_cuda:
+            raise ValueError("impl='cuda' needs CUDA tensors")
+        if ext is None:
+            raise ValueError("impl='cuda' but the CUDA extension vinekernels._C is not available")
+    if ext is None:
+        return sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    tokens, logprobs = ext.sample_tokens(logits, temperature.contiguous(), top_k.contiguous(),
+                                         top_p.contiguous(), seeds.contiguous(),
+                                         offsets.contiguous())
+    bad = tokens < 0
+    if bool(bad.any()):
+        raise _invalid_rows_error(bad.nonzero().flatten().tolist())
+    return tokens, logprobs

