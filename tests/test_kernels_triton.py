@@ -123,7 +123,9 @@ def _check_tree(device, dtype):
     k_cache, v_cache, seg_pages, seg_lens, queries, num_q_heads = _tree_case(device, dtype, seed)
     page_size, head_dim = k_cache.shape[1], k_cache.shape[3]
     q = torch.randn(len(queries), num_q_heads, head_dim).to(device, dtype)
-    plan = vk.plan_tree_decode(seg_pages, seg_lens, queries, page_size, device, min_shared_len=page_size)
+    rng = random.Random(seed)
+    plan = vk.plan_tree_decode(seg_pages, seg_lens, queries, page_size, device, min_shared_len=page_size,
+                               chunk_size=rng.choice([64, 256]), shared_chunk_size=rng.choice([32, 512]))
     assert plan.num_shared_runs >= 1
     out = vk.tree_decode_attention(q, k_cache, v_cache, plan, 0.125, impl="triton")
     assert not torch.isnan(out).any(), f"seed {seed}"
@@ -159,13 +161,39 @@ def test_tree_interpreted(dtype):
 def test_tree_without_sharing_is_bitwise_plain_decode():
     """Private runs go through the decode kernel's own code path: identical bits."""
     seed = _seed()
-    rng, prob = _case("cpu", torch.float16, seed, max_len=300, num_seqs=4)
+    _, prob = _case("cpu", torch.float16, seed, max_len=300, num_seqs=4)
     q = torch.randn(len(prob.seq_lens), prob.num_q_heads, prob.k_cache.shape[3]).half()
     plan = vk.plan_tree_decode(prob.pages, prob.seq_lens, [[i] for i in range(len(prob.pages))],
                                prob.k_cache.shape[1], "cpu")
     tree = vk.tree_decode_attention(q, prob.k_cache, prob.v_cache, plan, prob.scale, impl="triton")
     plain = _decode(prob, q, prob.seq_lens, "triton")
     assert torch.equal(tree, plain), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_tree_equals_paged_decode_interpreted(dtype):
+    """K branches over a page-aligned shared prefix: tree decode == plain paged decode."""
+    seed = _seed()
+    rng = random.Random(seed)
+    page_size, prefix_pages = 8, rng.randint(8, 12)
+    k_branches = rng.randint(2, 5)
+    suffix_lens = [rng.choice([0, 1, page_size, rng.randint(1, 30)]) for _ in range(k_branches)]
+    gen = torch.Generator().manual_seed(seed)
+    num_pages = prefix_pages + 4 * k_branches
+    k_cache = torch.randn(num_pages, page_size, 2, 64, generator=gen).to(dtype)
+    v_cache = torch.randn(num_pages, page_size, 2, 64, generator=gen).to(dtype)
+    prefix = list(range(prefix_pages))
+    suffixes = [list(range(prefix_pages + 4 * i, prefix_pages + 4 * i + 4)) for i in range(k_branches)]
+    lens = [prefix_pages * page_size + n for n in suffix_lens]
+    tables = torch.tensor([prefix + s for s in suffixes], dtype=torch.int32)
+    q = torch.randn(k_branches, 8, 64, generator=gen).to(dtype)
+    plan = vk.plan_tree_decode([prefix] + suffixes, [prefix_pages * page_size] + suffix_lens,
+                               [[0, 1 + i] for i in range(k_branches)], page_size, "cpu")
+    assert plan.num_shared_runs == 1 and plan.kv_tokens_read == prefix_pages * page_size + sum(suffix_lens)
+    tree = vk.tree_decode_attention(q, k_cache, v_cache, plan, 0.125, impl="triton")
+    plain = vk.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.125,
+                                      impl="triton")
+    assert rel_err(tree, plain) < TOL[dtype], f"seed {seed}"
 
 
 def test_merge_lse_interpreted():

@@ -163,3 +163,17 @@ def test_math_steps_on_every_solution():
                 assert not any(a < cut < b for a, b in spans)
             n += 1
     assert n == 12500
+
+
+@pytest.mark.parametrize("text", [
+    "word, " * 20000, "a. B" * 30000, "$" * 100_000, "\\begin{a}" * 20000,
+    "x " * 200_000 + "\n" * 10_000, "\\[" + "x = 1. " * 10000, "[asy]" * 10000 + "[/asy]",
+], ids=range(7))
+def test_splitters_on_huge_adversarial_text_are_fast_and_exact(text):
+    import time
+
+    t0 = time.perf_counter()
+    for split in (split_math_steps, split_newline_steps):
+        steps = split(text)
+        assert "".join(steps) == text and all(steps)
+    assert time.perf_counter() - t0 < 3.0

@@ -36,6 +36,21 @@ POINTERS = {
     "part_out": "fp32", "part_lse": "fp32", "out_lse": "fp32",
 }
 FLOAT_SCALARS = {"qk_scale"}
+# Integer arguments the JIT sees as multiples of 16 in practice (it specialises on that at launch),
+# which is what lets it vectorise K/V loads; the compile test assumes the same.
+ALIGNED_INTS = {"head_dim", "row_elems", "page_elems", "page_stride"}
+
+
+def _attrs(fn, constexprs):
+    """Divisibility hints the launcher's arguments carry: 16-byte aligned pointers, strides and
+    head_dim multiples of 16."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            continue
+        if name in POINTERS or name in ALIGNED_INTS or (name.startswith("stride_") and not name.endswith("_bt")):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def _signature(fn, dtype, constexprs):
@@ -86,7 +101,8 @@ CONFIGS = enumerate_configs()
 
 def _compile(name, dtype, constexprs, num_warps, num_stages, target):
     fn = getattr(kernels_for(interpret=False), name)
-    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs,
+                                    attrs=_attrs(fn, constexprs))
     return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 

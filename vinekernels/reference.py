@@ -43,6 +43,17 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tenso
     return out, lse.permute(0, 3, 1, 2)
 
 
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
+    """Same as _attend without the lse, through torch's fused SDPA (faster on CPU).
+
+    q: [N, M, Hq, D]; k, v: [N, L, Hkv, D]; keep: [N, M, L], every row keeping >= 1 token.
+    """
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None], scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def _rows_per_chunk(per_row: int) -> int:
     return max(1, _SCORE_BUDGET // max(1, per_row))
 
@@ -81,6 +92,9 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_
         k = gather_kv(k_cache, block_tables[sl], chunk_max).to(cdt)
         v = gather_kv(v_cache, block_tables[sl], chunk_max).to(cdt)
         keep = (torch.arange(chunk_max, device=q.device)[None, :] < lens[sl, None])[:, None, :]
+        if not return_lse:
+            out[sl] = _attend_sdpa(q[sl, None].to(cdt), k, v, keep, scale)[:, 0].to(q.dtype)
+            continue
         qs = q[sl].to(cdt).view(-1, 1, num_kv_heads, group, head_dim)
         o, lse = _attend(qs, k, v, keep, scale)
         out[sl] = o.reshape(-1, num_q_heads, head_dim).to(q.dtype)
@@ -90,9 +104,7 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_
 
 def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
     """Varlen causal attention of new tokens over cached pages: q [T, Hq, D] -> [T, Hq, D]."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
+    num_tokens, num_q_heads = q.shape[0], q.shape[1]
     cdt = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
     if num_tokens == 0:
@@ -112,9 +124,8 @@ def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_le
         keep = torch.arange(max_len, device=q.device)[None, None, :] <= pos[:, :, None]
         k = gather_kv(k_cache, block_tables[sl], max_len).to(cdt)
         v = gather_kv(v_cache, block_tables[sl], max_len).to(cdt)
-        qs = q[tok].to(cdt).view(b1 - b0, max_q, num_kv_heads, group, head_dim)
-        o, _ = _attend(qs, k, v, keep, scale)
-        out[tok[valid]] = o.reshape(b1 - b0, max_q, num_q_heads, head_dim)[valid].to(q.dtype)
+        o = _attend_sdpa(q[tok].to(cdt), k, v, keep, scale)
+        out[tok[valid]] = o[valid].to(q.dtype)
     return out
 
 
@@ -167,40 +178,74 @@ def merge_lse_ref(partial_out, partial_lse, indptr, out_dtype=None):
 
 def tree_decode_ref(q, k_cache, v_cache, plan, scale, return_lse: bool = False):
     """Prefix-shared decode: per-(run, query) partials over the plan's runs, merged per query."""
-    num_queries, num_q_heads, head_dim = q.shape
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
-    host = plan.host
-    entry_run = torch.tensor(host.entry_run, dtype=torch.long, device=q.device)
-    entry_query = torch.tensor(host.entry_query, dtype=torch.long, device=q.device)
-    run_lens = host.run_lens
-    num_entries = len(host.entry_run)
+    entry_run, entry_query, table, lens, order, indptr = _tree_ref_tensors(plan, q.device)
+    if plan.reference_cache["one_run_per_query"] and not return_lse:
+        # nothing to merge: each query is plain paged decode over its single run
+        runs = entry_run[order]
+        return paged_decode_ref(q, k_cache, v_cache, table[runs], lens[runs], scale)
+    num_entries = entry_run.shape[0]
     part_out = torch.empty(num_entries, num_q_heads, head_dim, dtype=cdt, device=q.device)
     part_lse = torch.empty(num_entries, num_q_heads, dtype=cdt, device=q.device)
-    if num_entries:
-        max_run = max(run_lens)
-        max_pages = max(len(p) for p in host.run_pages)
-        table = torch.zeros(len(run_lens), max_pages, dtype=torch.long)
-        for r, pages in enumerate(host.run_pages):
-            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.long)
-        table = table.to(q.device)
-        lens = torch.tensor(run_lens, dtype=torch.long, device=q.device)
+    shared = plan.host.run_shared
+    run_entries = plan.reference_cache["run_entries"]
+    # shared runs: gather the run once, attend with all its queries stacked as rows
+    for r in (r for r in range(len(shared)) if shared[r]):
+        e0, e1 = run_entries[r], run_entries[r + 1]
+        n = int(lens[r])
+        k = gather_kv(k_cache, table[r: r + 1], n).to(cdt)
+        v = gather_kv(v_cache, table[r: r + 1], n).to(cdt)
+        qs = q[entry_query[e0:e1]].to(cdt).view(1, e1 - e0, num_kv_heads, group, head_dim)
+        keep = torch.ones(1, e1 - e0, n, dtype=torch.bool, device=q.device)
+        o, lse = _attend(qs, k, v, keep, scale)
+        part_out[e0:e1] = o.reshape(-1, num_q_heads, head_dim)
+        part_lse[e0:e1] = lse.reshape(-1, num_q_heads)
+    # private runs (one query each): batched like plain decode
+    private = plan.reference_cache["private_entries"]
+    if private.numel():
+        max_run = int(lens[entry_run[private]].max())
         step = _rows_per_chunk(max_run * num_q_heads)
-        for e0 in range(0, num_entries, step):
-            sl = slice(e0, min(num_entries, e0 + step))
-            runs = entry_run[sl]
+        for c0 in range(0, private.numel(), step):
+            ents = private[c0: c0 + step]
+            runs = entry_run[ents]
             chunk_max = int(lens[runs].max())
             k = gather_kv(k_cache, table[runs], chunk_max).to(cdt)
             v = gather_kv(v_cache, table[runs], chunk_max).to(cdt)
             keep = (torch.arange(chunk_max, device=q.device)[None, :] < lens[runs, None])[:, None, :]
-            qs = q[entry_query[sl]].to(cdt).view(-1, 1, num_kv_heads, group, head_dim)
+            qs = q[entry_query[ents]].to(cdt).view(-1, 1, num_kv_heads, group, head_dim)
             o, lse = _attend(qs, k, v, keep, scale)
-            part_out[sl] = o.reshape(-1, num_q_heads, head_dim)
-            part_lse[sl] = lse.reshape(-1, num_q_heads)
+            part_out[ents] = o.reshape(-1, num_q_heads, head_dim)
+            part_lse[ents] = lse.reshape(-1, num_q_heads)
     # Entries are grouped by run; the merge wants each query's partials contiguous, in the order
     # of its segments, which is the (query, position) order recorded by the plan.
-    order = torch.tensor(host.entry_merge_order, dtype=torch.long, device=q.device)
-    indptr = torch.tensor(host.query_entry_indptr, dtype=torch.long, device=q.device)
     out, lse = merge_lse_ref(part_out[order], part_lse[order], indptr, out_dtype=q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _tree_ref_tensors(plan, device):
+    """Index tensors of a plan for the reference, built once per plan (a plan serves every layer)."""
+    cache = plan.reference_cache
+    if "tensors" not in cache:
+        host = plan.host
+        max_pages = max((len(p) for p in host.run_pages), default=1)
+        table = torch.zeros(len(host.run_lens), max_pages, dtype=torch.long)
+        for r, pages in enumerate(host.run_pages):
+            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        run_entries = [0] * (len(host.run_lens) + 1)
+        for r in host.entry_run:
+            run_entries[r + 1] += 1
+        for r in range(len(host.run_lens)):
+            run_entries[r + 1] += run_entries[r]
+        cache["run_entries"] = run_entries
+        cache["one_run_per_query"] = len(host.entry_run) == len(host.query_entry_indptr) - 1
+        cache["private_entries"] = t([e for e, r in enumerate(host.entry_run) if not host.run_shared[r]])
+        cache["tensors"] = (t(host.entry_run), t(host.entry_query), table.to(device), t(host.run_lens),
+                            t(host.entry_merge_order), t(host.query_entry_indptr))
+    return cache["tensors"]

@@ -17,7 +17,8 @@ saving does not cover that cost, so ``min_shared_len`` defaults to 64 and such s
 privately. With nothing shared, the work is identical to ``paged_decode_attention`` (same chunk
 size, same tile shapes, same merge).
 
-Every run is cut into chunks of ``chunk_size`` tokens; each (run, chunk, query) produces an
+Every run is cut into chunks (``chunk_size`` tokens for private runs, ``shared_chunk_size`` for
+shared ones); each (run, chunk, query) produces an
 (out, lse) partial, and each query's partials are merged in the order of its segments, so a query's
 result depends only on its own segment structure, never on the other queries in the plan.
 """
@@ -33,6 +34,10 @@ from .decode import DECODE_SPLIT_SIZE, MAX_ROWS, AttentionConfig, attention_tile
 from .reference import merge_lse_ref, tree_decode_ref
 
 DEFAULT_MIN_SHARED_LEN = 64
+# Shared runs are cut into longer chunks than private ones: each chunk costs every query of the
+# run one fp32 partial (Hq * D * 4 bytes written and read back), which for GQA models is worth
+# several KV tokens, while 512-token chunks still give ~Hkv * row blocks * P / 512 programs.
+DEFAULT_SHARED_CHUNK_SIZE = 512
 # A shared run's queries are processed in items of at most this many queries; each item's
 # program grid covers them in row blocks, so this only bounds the size of one work item.
 SHARED_QUERIES_PER_ITEM = 64
@@ -82,7 +87,8 @@ class TreePlan:
 
     num_queries: int
     page_size: int
-    chunk_size: int
+    chunk_size: int                  # tokens per chunk of a private run
+    shared_chunk_size: int           # tokens per chunk of a shared run
     min_shared_len: int
     num_runs: int
     num_shared_runs: int
@@ -101,19 +107,24 @@ class TreePlan:
     shared_items: torch.Tensor
     partial_indptr: torch.Tensor
     host: TreePlanHost = field(repr=False)
+    reference_cache: dict = field(default_factory=dict, repr=False)  # index tensors of the torch path
 
 
 def plan_tree_decode(segment_pages: list[list[int]], segment_lens: list[int], query_segments: list[list[int]],
                      page_size: int, device, *, min_shared_len: int = DEFAULT_MIN_SHARED_LEN,
-                     chunk_size: int = DECODE_SPLIT_SIZE) -> TreePlan:
+                     chunk_size: int = DECODE_SPLIT_SIZE,
+                     shared_chunk_size: int = DEFAULT_SHARED_CHUNK_SIZE) -> TreePlan:
     """Plan prefix-shared decode.
 
     Segment s is tokens [0, segment_lens[s]) of pages segment_pages[s] (in order). Query i's KV is
     the concatenation of the segments query_segments[i] (shared prefixes first, private suffix
     last); empty segments are allowed and ignored. See the module docstring for the rule that
-    decides which segments are read once for all their queries.
+    decides which segments are read once for all their queries. Private runs are processed in
+    chunks of `chunk_size` tokens (the decode split size), shared runs in `shared_chunk_size`.
     """
     _validate_plan_inputs(segment_pages, segment_lens, query_segments, page_size, min_shared_len, chunk_size)
+    if not isinstance(shared_chunk_size, int) or shared_chunk_size < 1:
+        raise ValueError(f"shared_chunk_size must be a positive int, got {shared_chunk_size!r}")
     users = [0] * len(segment_lens)
     for segs in query_segments:
         for s in segs:
@@ -157,7 +168,8 @@ def plan_tree_decode(segment_pages: list[list[int]], segment_lens: list[int], qu
             run_queries[r].append(i)
         query_runs.append(runs)
 
-    chunks = [-(-n // chunk_size) for n in run_lens]
+    run_chunk = [shared_chunk_size if sh else chunk_size for sh in run_shared]
+    chunks = [-(-n // c) for n, c in zip(run_lens, run_chunk)]
     entry_run, entry_query, run_entry_start = [], [], []
     entry_of: dict[tuple[int, int], int] = {}
     for r, queries in enumerate(run_queries):
@@ -184,7 +196,7 @@ def plan_tree_decode(segment_pages: list[list[int]], segment_lens: list[int], qu
             if run_shared[r]:
                 for q0 in range(0, len(queries), SHARED_QUERIES_PER_ITEM):
                     n = min(SHARED_QUERIES_PER_ITEM, len(queries) - q0)
-                    shared_items.append((r, c * chunk_size, run_entry_start[r] + q0, n))
+                    shared_items.append((r, c * shared_chunk_size, run_entry_start[r] + q0, n))
             else:
                 private_items.append((r, c * chunk_size, run_entry_start[r], 1))
 
@@ -206,6 +218,7 @@ def plan_tree_decode(segment_pages: list[list[int]], segment_lens: list[int], qu
     query_lens = [sum(segment_lens[s] for s in segs) for segs in query_segments]
     return TreePlan(
         num_queries=len(query_segments), page_size=page_size, chunk_size=chunk_size,
+        shared_chunk_size=shared_chunk_size,
         min_shared_len=min_shared_len, num_runs=len(run_lens), num_shared_runs=sum(run_shared),
         num_partials=partial_indptr[-1], max_page=max(flat_pages, default=-1),
         max_item_queries=max((item[3] for item in shared_items), default=0), query_lens=query_lens,

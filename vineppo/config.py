@@ -57,7 +57,7 @@ class TaskConfig:
     name: str = _f("synthetic", "task: synthetic | gsm8k | math")
     path: str = _f("", "local data folder/file or hub dataset name (gsm8k / math); empty = the task's default")
     num_steps: int = _f(3, "synthetic: arithmetic steps per problem (the most)")
-    max_operand: int = _f(99, "synthetic: largest operand")
+    max_operand: int = _f(20, "synthetic: largest start value and +/- operand")
     num_train: int = _f(20000, "synthetic: train problems generated")
     num_test: int = _f(500, "synthetic: test problems generated")
     max_train: int = _f(0, "use at most this many train problems (0 = all)")
@@ -136,7 +136,8 @@ class RunConfig:
     resume: str = _f("", "run folder to continue from its latest checkpoint")
     max_iterations: int = _f(0, "stop after this many iterations in total (0 = ppo.num_iterations)")
     max_minutes: float = _f(0.0, "stop when this many minutes of wall clock have passed (0 = no limit)")
-    save_every: int = _f(10, "checkpoint every this many iterations (also at the end; 0 = only at the end)")
+    save_every: int = _f(1, "checkpoint every this many iterations (also at the end; 0 = only at the end); "
+                         "a killed run loses the iterations since its last checkpoint")
     keep_checkpoints: int = _f(2, "keep this many latest checkpoints")
     max_nan_skips: int = _f(10, "stop after this many skipped updates with a non-finite loss")
     num_logged_samples: int = _f(4, "episodes per iteration written to samples.jsonl")
@@ -457,7 +458,7 @@ def _build(argv: list[str], validate: bool) -> TrainConfig:
 
 
 def rollout_kwargs(cfg: TrainConfig, seed: int) -> dict:
-    """Keyword arguments for vineppo.rollout.RolloutConfig (fields it does not know are dropped)."""
+    """Keyword arguments of vineppo.rollout.RolloutConfig for one iteration (`seed` varies per iteration)."""
     r = cfg.rollout
     return dict(num_samples=r.num_samples, mc_rollouts=r.mc_rollouts, max_steps=r.max_steps,
                 temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed,

@@ -179,14 +179,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def shard_range(n: int, ctx: DistContext) -> slice:
-    """Contiguous block of [0, n) owned by this rank (n must divide evenly)."""
-    if n % ctx.world_size:
-        raise ValueError(f"{n} items cannot be split evenly over {ctx.world_size} ranks")
-    per = n // ctx.world_size
-    return slice(ctx.rank * per, (ctx.rank + 1) * per)
-
-
 def full_optimizer_state(model: nn.Module, optimizer) -> dict:
     """The optimizer state of an FSDP2 model as full (unsharded) CPU tensors keyed by parameter name.
 

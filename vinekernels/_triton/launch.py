@@ -160,7 +160,7 @@ def tree_decode(q, k_cache, v_cache, plan, scale):
     from ..tree import tree_config
 
     q = _last_dim_contiguous(q)
-    num_queries, num_q_heads, head_dim = q.shape
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     out = _new(q.shape, q.dtype, q.device)
@@ -174,7 +174,7 @@ def tree_decode(q, k_cache, v_cache, plan, scale):
         row_blocks = triton_cdiv(plan.max_item_queries, queries_per_block) if shared else 1
         grid = (items.shape[0], num_kv_heads * triton_cdiv(group, cfg.heads_per_block), row_blocks)
         _launch_decode(q, k_cache, v_cache, part_out, part_lse, scale, cfg, grid, items=items, plan=plan,
-                       chunk=plan.chunk_size)
+                       chunk=plan.shared_chunk_size if shared else plan.chunk_size)
     _merge(part_out, part_lse, out, None, indptr=plan.partial_indptr)
     return out
 

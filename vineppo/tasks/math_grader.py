@@ -10,6 +10,7 @@ other thread, where signals cannot be used, a spawned worker process that is kil
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import re
@@ -185,6 +186,16 @@ _pool_lock = threading.Lock()
 _WORKER_STARTUP_S = 60.0  # spawning a worker imports sympy and math-verify once
 
 
+def _close_pool() -> None:
+    """Stop the worker before interpreter shutdown tears down what Pool.__del__ needs."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.terminate()
+            _pool.join()
+            _pool = None
+
+
 def _verify_in_worker(gold: str, pred: str, time_limit: float) -> bool:
     """Off the main thread: run the comparison in a persistent spawned process; on timeout
     the process is killed (and respawned on the next call)."""
@@ -195,12 +206,14 @@ def _verify_in_worker(gold: str, pred: str, time_limit: float) -> bool:
         fresh = _pool is None
         if fresh:
             _pool = multiprocessing.get_context("spawn").Pool(1)
+            atexit.register(_close_pool)
         pool = _pool
         try:
             res = pool.apply_async(_worker_verify, (gold, pred, time_limit))
             return bool(res.get(timeout=time_limit + 1.0 + (_WORKER_STARTUP_S if fresh else 0)))
         except multiprocessing.TimeoutError:
             pool.terminate()
+            pool.join()
             _pool = None
             return False
         except Exception:

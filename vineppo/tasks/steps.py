@@ -7,6 +7,7 @@ maps them to token offsets.
 
 from __future__ import annotations
 
+import bisect
 import re
 
 _NEWLINE_RUN = re.compile(r"\n+")
@@ -128,8 +129,6 @@ def _match_env(text: str, env: str, pos: int) -> int:
 
 def _inside(spans: list[tuple[int, int]], i: int) -> bool:
     """True when a cut at offset i would fall strictly inside a span."""
-    import bisect
-
     k = bisect.bisect_right(spans, (i, float("inf"))) - 1
     return k >= 0 and spans[k][0] < i < spans[k][1]
 
@@ -151,14 +150,14 @@ def _long_part_cuts(text: str, a: int, b: int, spans, max_chars: int, min_chars:
     cuts: list[int] = []
     start = a
     while b - start > max_chars:
-        fits = [c for c in cands if start + min_chars <= c <= start + max_chars]
-        if fits:
-            c = fits[-1]
+        lo = bisect.bisect_left(cands, start + min_chars)
+        hi = bisect.bisect_right(cands, start + max_chars)
+        if hi > lo:
+            c = cands[hi - 1]  # the longest part that fits
+        elif hi < len(cands):
+            c = cands[hi]  # no cut fits: the shortest part over max_chars
         else:
-            later = [c for c in cands if c > start + max_chars]
-            if not later:
-                break
-            c = later[0]
+            break
         cuts.append(c)
         start = c
     return cuts

@@ -3,11 +3,11 @@
 A problem is a start value and a chain of operations; the solution does one operation per line,
 so an error (typically a carry) happens in one identifiable step and later steps inherit it:
 
-    question: Start with 37. Add 48. Multiply by 3. Subtract 19.
-    solution: 37 + 48 = 85
-              85 * 3 = 255
-              255 - 19 = 236
-              #### 236
+    question: Start with 17. Add 18. Multiply by 2. Subtract 19.
+    solution: 17 + 18 = 35
+              35 * 2 = 70
+              70 - 19 = 51
+              #### 51
 
 Every intermediate value stays in [0, max_value]. Train and test problems are drawn from two
 seeded streams; no test question appears in train, and the test set does not depend on num_train.
@@ -28,18 +28,24 @@ _MAX_ATTEMPTS_PER_PROBLEM = 50
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Difficulty knobs. Per-step accuracy falls with operand size (more carries) and the
-    problem accuracy falls roughly geometrically with the number of steps."""
+    problem accuracy falls roughly geometrically with the number of steps. The defaults (2-3
+    steps, two-digit values) are sized for a tiny character-level model trained for minutes on
+    a CPU: it learns the format at once and the arithmetic only partly."""
 
     num_steps: int = 3  # operations per problem (the most)
-    min_steps: int | None = None  # the fewest operations (default: num_steps)
-    max_operand: int = 99  # start value and +/- operands are drawn from [1, max_operand]
-    max_multiplier: int = 9  # "Multiply by k" with k in [2, max_multiplier] (< 2 disables it)
-    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    min_steps: int | None = None  # the fewest operations (None: num_steps - 1, at least 1)
+    max_operand: int = 20  # start value and +/- operands are drawn from [1, max_operand]
+    max_multiplier: int = 3  # "Multiply by k" with k in [2, max_multiplier] (< 2 disables it)
+    max_value: int = 99  # every intermediate result stays in [0, max_value]
     num_train: int = 20_000
     num_test: int = 500
 
+    @property
+    def fewest_steps(self) -> int:
+        return max(1, self.num_steps - 1) if self.min_steps is None else self.min_steps
+
     def __post_init__(self):
-        lo = self.num_steps if self.min_steps is None else self.min_steps
+        lo = self.fewest_steps
         if not 1 <= lo <= self.num_steps:
             raise ValueError(f"need 1 <= min_steps <= num_steps, got {lo} and {self.num_steps}")
         if self.max_operand < 1 or self.max_value < self.max_operand:
@@ -49,8 +55,7 @@ class SyntheticConfig:
 
 
 def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, list[str], int]:
-    lo = cfg.num_steps if cfg.min_steps is None else cfg.min_steps
-    steps = rng.randint(lo, cfg.num_steps)
+    steps = rng.randint(cfg.fewest_steps, cfg.num_steps)
     value = rng.randint(1, cfg.max_operand)
     words, lines = [f"Start with {value}."], []
     for _ in range(steps):

@@ -1,0 +1,147 @@
+"""SFT (training, masking, checkpoint reuse) and evaluation (engine vs. transformers generate)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vineppo.engine import Engine, EngineConfig, SamplingParams
+from vineppo.evaluate import evaluate
+from vineppo.evaluate import main as evaluate_main
+from vineppo.rollout import decode_response, encode_prompt, score
+from vineppo.sft import (LOG_FILE, SFTSettings, _collate, encode_examples, ensure_sft_checkpoint,
+                         load_sft_task, run_sft)
+
+KNOBS = {"num_steps": 2, "max_operand": 6, "max_multiplier": 1, "max_value": 15, "num_train": 600,
+         "num_test": 20}
+SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "max_position_embeddings": 256}
+
+
+def _settings(cache_dir, **kw):
+    fields = dict(task="synthetic", task_knobs=KNOBS, model_overrides=SMALL_MODEL, epochs=3.0,
+                  batch_size=16, lr=1e-2, seed=0, progress=False, cache_dir=str(cache_dir))
+    fields.update(kw)
+    return SFTSettings(**fields)
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """The same short SFT as tests/test_rollout.py (shared through the session's cache dir)."""
+    from vineppo.models import load_policy
+
+    settings = _settings(tmp_path_factory.getbasetemp() / "sft-cache")
+    path = ensure_sft_checkpoint(settings)
+    model, tokenizer = load_policy(path)
+    return path, model, tokenizer, settings, load_sft_task(settings)
+
+
+def test_sft_reduces_loss_and_is_reused(sft, monkeypatch):
+    path, _, _, settings, _ = sft
+    with open(os.path.join(path, LOG_FILE)) as f:
+        log = json.load(f)
+    losses = log["losses"]
+    assert log["steps"] == log["total_steps"] == 114  # 3 epochs * ceil(600 / 16)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert path == settings.checkpoint_dir() and os.path.basename(path).startswith("synthetic-")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sft_settings.json"):
+        assert os.path.isfile(os.path.join(path, name)), name
+
+    def fail(*a, **k):
+        raise AssertionError("the checkpoint should have been reused")
+
+    monkeypatch.setattr("vineppo.sft.run_sft", fail)
+    assert ensure_sft_checkpoint(settings) == path
+    # settings that change the result get their own checkpoint; where files go does not
+    assert _settings(settings.cache_dir, lr=5e-3).key() != settings.key()
+    assert _settings(settings.cache_dir, task_knobs=dict(KNOBS, num_steps=3)).key() != settings.key()
+    assert _settings("/elsewhere", progress=True).key() == settings.key()
+
+
+def test_sft_labels_cover_only_the_target(sft):
+    _, _, tokenizer, _, task = sft
+    ex = task.train[0]
+    (ids, p), = encode_examples(task, [ex], tokenizer, "plain", max_length=0)
+    prompt = encode_prompt(tokenizer, task.prompt(ex), "plain")
+    target = tokenizer(task.sft_target(ex), add_special_tokens=False)["input_ids"]
+    assert p == len(prompt) and ids == prompt + target + [tokenizer.eos_token_id]
+    input_ids, mask, labels = _collate([(ids, p), (ids[:p + 2], p)], tokenizer.pad_token_id, "cpu")
+    assert (labels[0, :p] == -100).all() and labels[0, p:].tolist() == ids[p:]
+    assert labels[1, p:p + 2].tolist() == ids[p:p + 2] and (labels[1, p + 2:] == -100).all()
+    assert mask[1].sum() == p + 2
+
+
+def test_run_sft_from_a_saved_model_folder(sft, tmp_path):
+    """Any load_policy path works as the starting model (here the tiny SFT checkpoint itself)."""
+    path = sft[0]
+    settings = _settings(tmp_path, model=path, epochs=1.0, num_examples=32, batch_size=8, lr=1e-4)
+    out = run_sft(settings, output_dir=str(tmp_path / "out"))
+    with open(os.path.join(out, LOG_FILE)) as f:
+        log = json.load(f)
+    assert log["steps"] == 4 and all(x == x for x in log["losses"])
+
+
+def test_sft_settings_validation():
+    with pytest.raises(ValueError):
+        SFTSettings(epochs=0)
+    with pytest.raises(ValueError):
+        SFTSettings(batch_size=0)
+
+
+def _hf_greedy(model, tokenizer, prompt_ids, max_tokens):
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(prompt_ids):].tolist()
+    finished = tokenizer.eos_token_id in new
+    if finished:
+        new = new[:new.index(tokenizer.eos_token_id) + 1]
+    return new, "stop" if finished else "length"
+
+
+def test_evaluate_greedy_matches_transformers_generate(sft):
+    _, model, tokenizer, _, task = sft
+    examples = task.test[:8]
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
+    result = evaluate(engine, task, examples, tokenizer, n=1, temperature=0.0, top_p=1.0, max_tokens=48,
+                      template="plain")
+    expected = []
+    for ex in examples:
+        ids, reason = _hf_greedy(model, tokenizer, encode_prompt(tokenizer, task.prompt(ex), "plain"), 48)
+        expected.append(score(task, decode_response(tokenizer, ids), ex, reason))
+    assert result["per_problem"] == expected
+    assert result["accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert result["greedy_pass@1"] == result["accuracy"] == result["pass@1"]
+    assert result["num_problems"] == 8 and result["num_samples"] == 1
+    assert 0 < result["accuracy"] < 1, "the fine-tuned model should solve some problems, not all"
+
+
+def test_evaluate_sampling_is_the_mean_over_problems_and_samples(sft):
+    _, model, tokenizer, _, task = sft
+    examples = task.test[:5]
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
+    result = evaluate(engine, task, examples, tokenizer, n=4, temperature=0.7, top_p=0.9, max_tokens=48,
+                      template="plain", seed=3)
+    assert "greedy_pass@1" not in result and result["num_samples"] == 4
+    prompts = [encode_prompt(tokenizer, task.prompt(ex), "plain") for ex in examples]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, n=4, seed=3))
+    per_problem = [sum(score(task, decode_response(tokenizer, c.token_ids), ex, c.finish_reason)
+                       for c in group) / 4 for ex, group in zip(examples, outs)]
+    assert result["per_problem"] == per_problem
+    assert result["accuracy"] == pytest.approx(sum(per_problem) / 5)
+    with pytest.raises(ValueError):
+        evaluate(engine, task, examples, tokenizer, n=0, temperature=0.7, top_p=0.9, max_tokens=8)
+
+
+def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
+    path, model, tokenizer, _, task = sft
+    out = tmp_path / "eval.json"
+    result = evaluate_main(["--model", path, "--task", "synthetic", "--limit", "6", "--n", "1",
+                            "--temperature", "0", "--max-tokens", "48", "--output", str(out), "--no-progress"])
+    assert "accuracy" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == result["accuracy"] and saved["num_problems"] == 6
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
+    direct = evaluate(engine, task, task.test[:6], tokenizer, n=1, temperature=0.0, top_p=1.0, max_tokens=48)
+    assert direct["per_problem"] == result["per_problem"]
