@@ -145,3 +145,27 @@ def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
     engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
     direct = evaluate(engine, task, task.test[:6], tokenizer, n=1, temperature=0.0, top_p=1.0, max_tokens=48)
     assert direct["per_problem"] == result["per_problem"]
+
+
+def test_settings_follow_the_train_config():
+    from vineppo.config import TrainConfig
+    from vineppo.sft import settings_from_train_config
+
+    cfg = TrainConfig()
+    cfg.task.max_train = 100
+    s = settings_from_train_config(cfg)
+    assert (s.task, s.model, s.lr, s.batch_size, s.seed) == (cfg.task.name, cfg.model.name, cfg.sft.lr,
+                                                             cfg.sft.batch_size, cfg.seed)
+    assert s.task_knobs["num_steps"] == cfg.task.num_steps and s.num_examples == 100
+    assert s.cache_dir == os.path.join(cfg.run.output_dir, "sft")
+
+
+def test_sft_cli_trains_then_reuses(tmp_path, capsys):
+    from vineppo.sft import main
+
+    argv = ["--task.num_train", "40", "--task.num_test", "5", "--sft.epochs", "1", "--sft.batch_size", "20",
+            "--sft.output_dir", str(tmp_path), "--run.progress", "false"]
+    path = main(argv)
+    assert os.path.dirname(path) == str(tmp_path) and "2 steps" in capsys.readouterr().out
+    mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    assert main(argv) == path and os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime

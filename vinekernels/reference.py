@@ -4,6 +4,11 @@ All attention math runs in float32 (float64 when the inputs are float64) on K/V 
 the page tables into padded tensors, with GQA handled by viewing the query heads as
 [num_kv_heads, group_size]. Work is chunked so the score tensor stays bounded in memory; nothing
 loops over tokens in Python. Inputs are assumed validated by the public wrappers.
+
+Decode-style attention (paged decode and prefix-shared tree decode) shares one primitive,
+`_attend_pages`: whole pages are gathered with `index_select` (a plain row copy, several times
+faster on CPU than advanced indexing), laid out heads-major so both matmuls see contiguous
+operands, and padded keys are masked with an additive -inf bias.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import torch
 
 # Upper bound on elements of one score tensor; larger problems are processed in chunks.
 _SCORE_BUDGET = 1 << 24
+# Elements of gathered K (or of scores) per chunk of decode-style attention (see _attend_pages).
+_CHUNK_ELEMS = 1 << 18
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,29 +29,67 @@ def gather_kv(cache: torch.Tensor, page_table: torch.Tensor, max_len: int) -> to
     """Gather tokens [0, max_len) of each row's pages: [N, max_pages] -> [N, max_len, Hkv, D]."""
     page_size = cache.shape[1]
     n_pages = (max_len + page_size - 1) // page_size
-    pages = page_table[:, :n_pages].long()
-    kv = cache[pages]  # [N, n_pages, page_size, Hkv, D]
-    return kv.reshape(pages.shape[0], n_pages * page_size, *cache.shape[2:])[:, :max_len]
+    pages = page_table[:, :n_pages].reshape(-1).long()
+    kv = cache.index_select(0, pages)  # [N * n_pages, page_size, Hkv, D]
+    return kv.view(page_table.shape[0], n_pages * page_size, *cache.shape[2:])[:, :max_len]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
-    """Masked softmax attention with log-sum-exp.
+def _gather_pages(cache: torch.Tensor, pages: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole pages of each row, heads-major: pages long [N, P] -> [N, Hkv, P * page_size, D]."""
+    n, p = pages.shape
+    page_size, num_kv_heads, head_dim = cache.shape[1:]
+    kv = cache.index_select(0, pages.reshape(-1)).view(n, p * page_size, num_kv_heads, head_dim)
+    if num_kv_heads == 1 and kv.dtype == dtype:
+        return kv.view(n, 1, p * page_size, head_dim)
+    # one copy does the head transpose and the dtype conversion; the matmuls want contiguous operands
+    out = torch.empty(n, num_kv_heads, p * page_size, head_dim, dtype=dtype, device=cache.device)
+    return out.copy_(kv.transpose(1, 2))
 
-    q: [N, M, Hkv, G, D]; k, v: [N, L, Hkv, D]; keep: bool [N, M, L] (True = attend).
-    Returns out [N, M, Hkv, G, D] and lse [N, M, Hkv, G] (natural log of the scaled scores);
-    rows that attend to nothing get out = 0 and lse = -inf.
+
+def _attend_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
+                  key_bias: torch.Tensor):
+    """Attention with log-sum-exp of pre-scaled queries over whole gathered pages.
+
+    q: [N, Hkv, M, D] (already multiplied by the scale, compute dtype); pages: long [N, P];
+    key_bias: [N, 1, 1, P * page_size], 0 on keys to attend and -inf on padding (every row must
+    keep at least one key). Returns out [N, Hkv, M, D] and lse [N, Hkv, M] in q's dtype.
+
+    Rows are processed in chunks of about `_CHUNK_ELEMS` gathered K elements (or score
+    elements): small enough for each chunk's K, V and scores to stay in cache and be served by
+    the allocator without fresh pages, which on CPU matters more than the per-chunk op overhead.
     """
-    s = torch.einsum("nmhgd,nlhd->nhgml", q, k) * scale
-    s = s.masked_fill(~keep[:, None, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [N, Hkv, G, M]
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    out = torch.einsum("nhgml,nlhd->nmhgd", p, v)
-    return out, lse.permute(0, 3, 1, 2)
+    n, num_kv_heads, m, head_dim = q.shape
+    length = pages.shape[1] * k_cache.shape[1]
+    step = max(1, _CHUNK_ELEMS // (num_kv_heads * length * max(head_dim, m)))
+    if step >= n:
+        return _attend_pages_chunk(q, k_cache, v_cache, pages, key_bias)
+    outs, lses = [], []
+    for r0 in range(0, n, step):
+        o, lse = _attend_pages_chunk(q[r0: r0 + step], k_cache, v_cache, pages[r0: r0 + step],
+                                     key_bias[r0: r0 + step])
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attend_pages_chunk(q, k_cache, v_cache, pages, key_bias):
+    k = _gather_pages(k_cache, pages, q.dtype)
+    v = _gather_pages(v_cache, pages, q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)).add_(key_bias)  # [N, Hkv, M, L]
+    lse = torch.logsumexp(s, dim=-1)
+    p = s.sub_(lse[..., None]).exp_()
+    return torch.matmul(p, v), lse
+
+
+def _key_bias(key_lens: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, 1, 1, length] additive mask: 0 for key positions < key_lens[n], -inf after."""
+    pad = torch.arange(length, device=key_lens.device)[None, :] >= key_lens[:, None]
+    bias = torch.zeros(pad.shape, dtype=dtype, device=key_lens.device).masked_fill_(pad, float("-inf"))
+    return bias[:, None, None, :]
 
 
 def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
-    """Same as _attend without the lse, through torch's fused SDPA (faster on CPU).
+    """Masked attention (no lse) through torch's fused SDPA.
 
     q: [N, M, Hq, D]; k, v: [N, L, Hkv, D]; keep: [N, M, L], every row keeping >= 1 token.
     """
@@ -76,30 +121,29 @@ def copy_pages_ref(k_caches, v_caches, src, dst) -> None:
 def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_lse: bool = False):
     """One query per sequence: q [B, Hq, D] -> out [B, Hq, D] (and lse [B, Hq] float32/64)."""
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
-    out = torch.empty_like(q)
-    lse_all = torch.empty(num_seqs, num_q_heads, dtype=cdt, device=q.device)
     if num_seqs == 0:
-        return (out, lse_all) if return_lse else out
+        out = torch.empty_like(q)
+        lse = torch.empty(0, num_q_heads, dtype=cdt, device=q.device)
+        return (out, lse) if return_lse else out
     lens = seq_lens.long()
     max_len = int(lens.max())
-    step = _rows_per_chunk(max_len * num_q_heads)
+    qs = (q.to(cdt) * scale).view(num_seqs, num_kv_heads, group, head_dim)
+    step = _rows_per_chunk(-(-max_len // page_size) * page_size * num_q_heads)
+    outs, lses = [], []
     for s0 in range(0, num_seqs, step):
         sl = slice(s0, min(num_seqs, s0 + step))
-        chunk_max = int(lens[sl].max())
-        k = gather_kv(k_cache, block_tables[sl], chunk_max).to(cdt)
-        v = gather_kv(v_cache, block_tables[sl], chunk_max).to(cdt)
-        keep = (torch.arange(chunk_max, device=q.device)[None, :] < lens[sl, None])[:, None, :]
-        if not return_lse:
-            out[sl] = _attend_sdpa(q[sl, None].to(cdt), k, v, keep, scale)[:, 0].to(q.dtype)
-            continue
-        qs = q[sl].to(cdt).view(-1, 1, num_kv_heads, group, head_dim)
-        o, lse = _attend(qs, k, v, keep, scale)
-        out[sl] = o.reshape(-1, num_q_heads, head_dim).to(q.dtype)
-        lse_all[sl] = lse.reshape(-1, num_q_heads)
-    return (out, lse_all) if return_lse else out
+        n_pages = -(-int(lens[sl].max()) // page_size)
+        o, lse = _attend_pages(qs[sl], k_cache, v_cache, block_tables[sl, :n_pages].long(),
+                               _key_bias(lens[sl], n_pages * page_size, cdt))
+        outs.append(o)
+        lses.append(lse)
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, (lses[0] if len(lses) == 1 else torch.cat(lses)).view(num_seqs, num_q_heads)
 
 
 def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
@@ -177,75 +221,153 @@ def merge_lse_ref(partial_out, partial_lse, indptr, out_dtype=None):
 
 
 def tree_decode_ref(q, k_cache, v_cache, plan, scale, return_lse: bool = False):
-    """Prefix-shared decode: per-(run, query) partials over the plan's runs, merged per query."""
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    """Prefix-shared decode: each run of the plan is gathered once and attended by all of its
+    queries at once; the (run, query) partials are merged per query in segment order.
+
+    Runs are batched in a few groups of similar shape (see `_tree_ref_layout`): a group gathers
+    its runs' pages into [runs, Hkv, pages * page_size, D] and stacks each run's queries (padded
+    to the group's most) as the rows of one matmul, so there is no Python loop over runs.
+    """
+    num_queries, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
-    entry_run, entry_query, table, lens, order, indptr = _tree_ref_tensors(plan, q.device)
-    if plan.reference_cache["one_run_per_query"] and not return_lse:
-        # nothing to merge: each query is plain paged decode over its single run
-        runs = entry_run[order]
-        return paged_decode_ref(q, k_cache, v_cache, table[runs], lens[runs], scale)
-    num_entries = entry_run.shape[0]
-    part_out = torch.empty(num_entries, num_q_heads, head_dim, dtype=cdt, device=q.device)
-    part_lse = torch.empty(num_entries, num_q_heads, dtype=cdt, device=q.device)
-    shared = plan.host.run_shared
-    run_entries = plan.reference_cache["run_entries"]
-    # shared runs: gather the run once, attend with all its queries stacked as rows
-    for r in (r for r in range(len(shared)) if shared[r]):
-        e0, e1 = run_entries[r], run_entries[r + 1]
-        n = int(lens[r])
-        k = gather_kv(k_cache, table[r: r + 1], n).to(cdt)
-        v = gather_kv(v_cache, table[r: r + 1], n).to(cdt)
-        qs = q[entry_query[e0:e1]].to(cdt).view(1, e1 - e0, num_kv_heads, group, head_dim)
-        keep = torch.ones(1, e1 - e0, n, dtype=torch.bool, device=q.device)
-        o, lse = _attend(qs, k, v, keep, scale)
-        part_out[e0:e1] = o.reshape(-1, num_q_heads, head_dim)
-        part_lse[e0:e1] = lse.reshape(-1, num_q_heads)
-    # private runs (one query each): batched like plain decode
-    private = plan.reference_cache["private_entries"]
-    if private.numel():
-        max_run = int(lens[entry_run[private]].max())
-        step = _rows_per_chunk(max_run * num_q_heads)
-        for c0 in range(0, private.numel(), step):
-            ents = private[c0: c0 + step]
-            runs = entry_run[ents]
-            chunk_max = int(lens[runs].max())
-            k = gather_kv(k_cache, table[runs], chunk_max).to(cdt)
-            v = gather_kv(v_cache, table[runs], chunk_max).to(cdt)
-            keep = (torch.arange(chunk_max, device=q.device)[None, :] < lens[runs, None])[:, None, :]
-            qs = q[entry_query[ents]].to(cdt).view(-1, 1, num_kv_heads, group, head_dim)
-            o, lse = _attend(qs, k, v, keep, scale)
-            part_out[ents] = o.reshape(-1, num_q_heads, head_dim)
-            part_lse[ents] = lse.reshape(-1, num_q_heads)
-    # Entries are grouped by run; the merge wants each query's partials contiguous, in the order
-    # of its segments, which is the (query, position) order recorded by the plan.
-    out, lse = merge_lse_ref(part_out[order], part_lse[order], indptr, out_dtype=q.dtype)
+    layout = _tree_ref_layout(plan, num_kv_heads, k_cache.shape[1], q.device)
+    qs = (q.to(cdt) * scale).view(num_queries, num_kv_heads, group, head_dim)
+    outs, lses = [], []
+    for g in layout.groups:
+        qg = qs.index_select(0, g.queries).view(g.num_runs, g.num_queries, num_kv_heads, group, head_dim)
+        if g.num_queries > 1:
+            qg = qg.transpose(1, 2)
+        qg = qg.reshape(g.num_runs, num_kv_heads, g.num_queries * group, head_dim)
+        o, lse = _attend_pages(qg, k_cache, v_cache, g.pages, g.key_bias(cdt))
+        outs.append(o.view(-1, group, head_dim))    # rows (run, kv head, query slot)
+        lses.append(lse.view(-1, group))
+    if layout.max_partials == 1:
+        rows = layout.merge_rows
+        out_all, lse_all = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+        out = out_all.index_select(0, rows).view(num_queries, num_q_heads, head_dim)
+        lse = lse_all.index_select(0, rows).view(num_queries, num_q_heads)
+    else:
+        out, lse = _merge_padded(outs, lses, layout, cdt)
+        out = out.view(num_queries, num_q_heads, head_dim)
+        lse = lse.view(num_queries, num_q_heads)
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _tree_ref_tensors(plan, device):
-    """Index tensors of a plan for the reference, built once per plan (a plan serves every layer)."""
-    cache = plan.reference_cache
-    if "tensors" not in cache:
+def _merge_padded(outs, lses, layout, cdt):
+    """LSE-merge of each query's partials, padded to the plan's most partials per query.
+
+    Padding points at an extra row with out = 0 and lse = -inf, whose weight is exactly 0; the
+    partials of a query are combined in its segment order.
+    """
+    group, head_dim = outs[0].shape[1], outs[0].shape[2]
+    device = outs[0].device
+    out_all = torch.cat(outs + [torch.zeros(1, group, head_dim, dtype=cdt, device=device)])
+    lse_all = torch.cat(lses + [torch.full((1, group), float("-inf"), dtype=cdt, device=device)])
+    n = layout.max_partials
+    o = out_all.index_select(0, layout.merge_rows).view(-1, n, layout.num_kv_heads, group, head_dim)
+    lse = lse_all.index_select(0, layout.merge_rows).view(-1, n, layout.num_kv_heads, group)
+    m = lse.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)
+    total = w.sum(dim=1)
+    out = (w[..., None] * o).sum(dim=1) / total[..., None]
+    return out, m[:, 0] + torch.log(total)
+
+
+# A group of runs may pad its score tensor to this many times the unpadded work (plus a small
+# allowance) before a new group starts: a few groups per step, little wasted arithmetic.
+_GROUP_PADDING = 2.0
+_GROUP_SLACK = 64  # query-pages a group may always add, cheaper than another group's op overhead
+
+
+class _RunGroup:
+    """Runs of a tree plan batched together by the reference: `num_runs` runs padded to
+    `num_pages` pages and `num_queries` queries each."""
+
+    def __init__(self, runs, run_pages, run_lens, run_queries, page_size, device):
+        self.num_runs = len(runs)
+        self.num_pages = max(len(run_pages[r]) for r in runs)
+        self.num_queries = max(len(run_queries[r]) for r in runs)
+        pages = [run_pages[r] + [0] * (self.num_pages - len(run_pages[r])) for r in runs]
+        # padding query slots repeat the run's first query: finite rows that are never merged
+        queries = [run_queries[r] + [run_queries[r][0]] * (self.num_queries - len(run_queries[r]))
+                   for r in runs]
+        self.pages = torch.tensor(pages, dtype=torch.long).to(device)
+        self.queries = torch.tensor(queries, dtype=torch.long).flatten().to(device)
+        self.key_lens = torch.tensor([run_lens[r] for r in runs], dtype=torch.long).to(device)
+        self.length = self.num_pages * page_size
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    def key_bias(self, dtype):
+        if dtype not in self._bias:
+            self._bias[dtype] = _key_bias(self.key_lens, self.length, dtype)
+        return self._bias[dtype]
+
+
+class _TreeRefLayout:
+    """How the reference batches one plan: groups of runs, and for every (query, partial, kv
+    head) the row of the concatenated group outputs that holds it (`merge_rows`, padded to
+    `max_partials` per query with the index of one extra row past the end)."""
+
+    def __init__(self, plan, num_kv_heads: int, page_size: int, device):
         host = plan.host
-        max_pages = max((len(p) for p in host.run_pages), default=1)
-        table = torch.zeros(len(host.run_lens), max_pages, dtype=torch.long)
-        for r, pages in enumerate(host.run_pages):
-            table[r, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+        num_runs = len(host.run_lens)
+        run_queries: list[list[int]] = [[] for _ in range(num_runs)]
+        entry_slot = []
+        for r, i in zip(host.entry_run, host.entry_query):
+            entry_slot.append(len(run_queries[r]))
+            run_queries[r].append(i)
+        self.num_kv_heads = num_kv_heads
+        self.groups: list[_RunGroup] = []
+        run_group: list[tuple[int, int]] = [(0, 0)] * num_runs  # (group, index in group)
+        order = sorted(range(num_runs), key=lambda r: (-len(run_queries[r]), -len(host.run_pages[r])))
+        members: list[list[int]] = []
+        q_max = p_max = work = 0
+        for r in order:
+            nq, npg = len(run_queries[r]), len(host.run_pages[r])
+            if members:
+                n, p = len(members[-1]) + 1, max(p_max, npg)
+                padded = n * q_max * p
+                if (padded <= _GROUP_PADDING * (work + nq * npg) + _GROUP_SLACK
+                        and padded * page_size * num_kv_heads <= _SCORE_BUDGET):
+                    members[-1].append(r)
+                    p_max, work = p, work + nq * npg
+                    continue
+            members.append([r])
+            q_max, p_max, work = nq, npg, nq * npg
+        row0 = 0
+        for g, runs in enumerate(members):
+            grp = _RunGroup(runs, host.run_pages, host.run_lens, run_queries, page_size, device)
+            grp.row0 = row0
+            for idx, r in enumerate(runs):
+                run_group[r] = (g, idx)
+            self.groups.append(grp)
+            row0 += grp.num_runs * num_kv_heads * grp.num_queries
+        self.num_rows = row0
+        indptr = host.query_entry_indptr
+        self.max_partials = max(indptr[i + 1] - indptr[i] for i in range(len(indptr) - 1))
+        rows = []
+        for i in range(len(indptr) - 1):
+            ents = host.entry_merge_order[indptr[i]: indptr[i + 1]]
+            for n in range(self.max_partials):
+                if n >= len(ents):
+                    rows.extend([self.num_rows] * num_kv_heads)
+                    continue
+                e = ents[n]
+                g, idx = run_group[host.entry_run[e]]
+                grp = self.groups[g]
+                base = grp.row0 + idx * num_kv_heads * grp.num_queries + entry_slot[e]
+                rows.extend(base + h * grp.num_queries for h in range(num_kv_heads))
+        self.merge_rows = torch.tensor(rows, dtype=torch.long).to(device)
 
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=device)
 
-        run_entries = [0] * (len(host.run_lens) + 1)
-        for r in host.entry_run:
-            run_entries[r + 1] += 1
-        for r in range(len(host.run_lens)):
-            run_entries[r + 1] += run_entries[r]
-        cache["run_entries"] = run_entries
-        cache["one_run_per_query"] = len(host.entry_run) == len(host.query_entry_indptr) - 1
-        cache["private_entries"] = t([e for e, r in enumerate(host.entry_run) if not host.run_shared[r]])
-        cache["tensors"] = (t(host.entry_run), t(host.entry_query), table.to(device), t(host.run_lens),
-                            t(host.entry_merge_order), t(host.query_entry_indptr))
-    return cache["tensors"]
+def _tree_ref_layout(plan, num_kv_heads: int, page_size: int, device) -> _TreeRefLayout:
+    """The reference's batching of a plan, built once per plan (a plan serves every layer)."""
+    key = ("layout", num_kv_heads, page_size, str(device))
+    layout = plan.reference_cache.get(key)
+    if layout is None:
+        layout = plan.reference_cache[key] = _TreeRefLayout(plan, num_kv_heads, page_size, device)
+    return layout

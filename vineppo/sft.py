@@ -27,7 +27,9 @@ import torch
 
 SETTINGS_FILE = "sft_settings.json"
 LOG_FILE = "sft_log.json"
-SYNTHETIC_KNOBS = ("num_steps", "max_operand", "num_train", "num_test")
+# SyntheticConfig fields, taken from the train config's task section where it has them
+SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value", "num_train",
+                   "num_test")
 
 
 @dataclass
@@ -82,7 +84,7 @@ def settings_from_train_config(cfg) -> SFTSettings:
     """SFT settings of a `vineppo.config.TrainConfig` (the same task, model and seed as RL)."""
     knobs = {}
     if cfg.task.name == "synthetic":
-        knobs = {k: getattr(cfg.task, k) for k in SYNTHETIC_KNOBS}
+        knobs = {k: getattr(cfg.task, k) for k in SYNTHETIC_KNOBS if hasattr(cfg.task, k)}
     num_examples = cfg.sft.num_examples
     if cfg.task.max_train and (num_examples == 0 or num_examples > cfg.task.max_train):
         num_examples = cfg.task.max_train
