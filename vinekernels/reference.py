@@ -34,58 +34,59 @@ def gather_kv(cache: torch.Tensor, page_table: torch.Tensor, max_len: int) -> to
     return kv.view(page_table.shape[0], n_pages * page_size, *cache.shape[2:])[:, :max_len]
 
 
-def _gather_pages(cache: torch.Tensor, pages: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Whole pages of each row, heads-major: pages long [N, P] -> [N, Hkv, P * page_size, D]."""
-    n, p = pages.shape
-    page_size, num_kv_heads, head_dim = cache.shape[1:]
-    kv = cache.index_select(0, pages.reshape(-1)).view(n, p * page_size, num_kv_heads, head_dim)
-    if num_kv_heads == 1 and kv.dtype == dtype:
-        return kv.view(n, 1, p * page_size, head_dim)
-    # one copy does the head transpose and the dtype conversion; the matmuls want contiguous operands
-    out = torch.empty(n, num_kv_heads, p * page_size, head_dim, dtype=dtype, device=cache.device)
-    return out.copy_(kv.transpose(1, 2))
-
-
 def _attend_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
                   key_bias: torch.Tensor):
     """Attention with log-sum-exp of pre-scaled queries over whole gathered pages.
 
-    q: [N, Hkv, M, D] (already multiplied by the scale, compute dtype); pages: long [N, P];
-    key_bias: [N, 1, 1, P * page_size], 0 on keys to attend and -inf on padding (every row must
-    keep at least one key). Returns out [N, Hkv, M, D] and lse [N, Hkv, M] in q's dtype.
+    q: [Hkv, N, M, D], heads-major, already multiplied by the scale, in the compute dtype;
+    pages: long [N, P]; key_bias: [N, 1, P * page_size], 0 on keys to attend and -inf on padding
+    (every row must keep at least one key). Returns out [Hkv, N, M, D] and lse [Hkv, N, M].
 
     Rows are processed in chunks of about `_CHUNK_ELEMS` gathered K elements (or score
     elements): small enough for each chunk's K, V and scores to stay in cache and be served by
     the allocator without fresh pages, which on CPU matters more than the per-chunk op overhead.
     """
-    n, num_kv_heads, m, head_dim = q.shape
+    num_kv_heads, n, m, head_dim = q.shape
     length = pages.shape[1] * k_cache.shape[1]
     step = max(1, _CHUNK_ELEMS // (num_kv_heads * length * max(head_dim, m)))
     if step >= n:
         return _attend_pages_chunk(q, k_cache, v_cache, pages, key_bias)
     outs, lses = [], []
     for r0 in range(0, n, step):
-        o, lse = _attend_pages_chunk(q[r0: r0 + step], k_cache, v_cache, pages[r0: r0 + step],
+        o, lse = _attend_pages_chunk(q[:, r0: r0 + step], k_cache, v_cache, pages[r0: r0 + step],
                                      key_bias[r0: r0 + step])
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 def _attend_pages_chunk(q, k_cache, v_cache, pages, key_bias):
-    k = _gather_pages(k_cache, pages, q.dtype)
-    v = _gather_pages(v_cache, pages, q.dtype)
-    s = torch.matmul(q, k.transpose(-1, -2)).add_(key_bias)  # [N, Hkv, M, L]
-    lse = torch.logsumexp(s, dim=-1)
-    p = s.sub_(lse[..., None]).exp_()
-    return torch.matmul(p, v), lse
+    num_kv_heads, n, m, head_dim = q.shape
+    length = pages.shape[1] * k_cache.shape[1]
+    # index_select of whole pages is a plain row copy (several times faster on CPU than advanced
+    # indexing); the gathered [N, L, Hkv, D] tensor is used in place, one KV head at a time: each
+    # head's [N, L, D] slice is a strided matrix batch that bmm reads without a transposed copy.
+    k = k_cache.index_select(0, pages.reshape(-1)).view(n, length, num_kv_heads, head_dim).to(q.dtype)
+    v = v_cache.index_select(0, pages.reshape(-1)).view(n, length, num_kv_heads, head_dim).to(q.dtype)
+    s = torch.empty(num_kv_heads, n, m, length, dtype=q.dtype, device=q.device)
+    for h in range(num_kv_heads):
+        torch.bmm(q[h], k[:, :, h].transpose(1, 2), out=s[h])
+    s.add_(key_bias)
+    # softmax in place with a single exp pass; normalise the [M, D] output, not the [M, L] weights
+    m_row = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m_row).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    out = torch.empty_like(q)
+    for h in range(num_kv_heads):
+        torch.bmm(p[h], v[:, :, h], out=out[h])
+    return out.div_(total), (m_row + total.log()).squeeze(-1)
 
 
 def _key_bias(key_lens: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """[N, 1, 1, length] additive mask: 0 for key positions < key_lens[n], -inf after."""
+    """[N, 1, length] additive mask: 0 for key positions < key_lens[n], -inf after."""
     pad = torch.arange(length, device=key_lens.device)[None, :] >= key_lens[:, None]
     bias = torch.zeros(pad.shape, dtype=dtype, device=key_lens.device).masked_fill_(pad, float("-inf"))
-    return bias[:, None, None, :]
+    return bias[:, None, :]
 
 
 def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
@@ -99,17 +100,14 @@ def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.
     return out.transpose(1, 2)
 
 
-def _rows_per_chunk(per_row: int) -> int:
-    return max(1, _SCORE_BUDGET // max(1, per_row))
-
-
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    page_size = k_cache.shape[1]
-    pages, offsets = slots // page_size, slots % page_size
-    k_cache[pages, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[pages, offsets] = v[keep].to(v_cache.dtype)
+    # index_copy_ into the caches viewed as [num_pages * page_size, Hkv, D] (slot = row): a row
+    # copy, much cheaper on CPU than advanced-index assignment through (page, offset) pairs.
+    if slot_mapping.numel() and bool(slot_mapping.min() < 0):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def copy_pages_ref(k_caches, v_caches, src, dst) -> None:
@@ -129,21 +127,21 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_
         lse = torch.empty(0, num_q_heads, dtype=cdt, device=q.device)
         return (out, lse) if return_lse else out
     lens = seq_lens.long()
-    max_len = int(lens.max())
-    qs = (q.to(cdt) * scale).view(num_seqs, num_kv_heads, group, head_dim)
-    step = _rows_per_chunk(-(-max_len // page_size) * page_size * num_q_heads)
-    outs, lses = [], []
-    for s0 in range(0, num_seqs, step):
-        sl = slice(s0, min(num_seqs, s0 + step))
-        n_pages = -(-int(lens[sl].max()) // page_size)
-        o, lse = _attend_pages(qs[sl], k_cache, v_cache, block_tables[sl, :n_pages].long(),
-                               _key_bias(lens[sl], n_pages * page_size, cdt))
-        outs.append(o)
-        lses.append(lse)
-    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    n_pages = -(-int(lens.max()) // page_size)
+    qs = _heads_major(q, num_kv_heads, scale, cdt)
+    o, lse = _attend_pages(qs, k_cache, v_cache, block_tables[:, :n_pages].long(),
+                           _key_bias(lens, n_pages * page_size, cdt))
+    out = o.transpose(0, 1).reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
     if not return_lse:
         return out
-    return out, (lses[0] if len(lses) == 1 else torch.cat(lses)).view(num_seqs, num_q_heads)
+    return out, lse.transpose(0, 1).reshape(num_seqs, num_q_heads)
+
+
+def _heads_major(q: torch.Tensor, num_kv_heads: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """q [B, Hq, D] -> scale * q as [Hkv, B, group, D] (contiguous, compute dtype)."""
+    b, num_q_heads, head_dim = q.shape
+    out = torch.empty(num_kv_heads, b, num_q_heads // num_kv_heads, head_dim, dtype=dtype, device=q.device)
+    return torch.mul(q.view(b, num_kv_heads, -1, head_dim).transpose(0, 1), scale, out=out)
 
 
 def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
@@ -224,36 +222,30 @@ def tree_decode_ref(q, k_cache, v_cache, plan, scale, return_lse: bool = False):
     """Prefix-shared decode: each run of the plan is gathered once and attended by all of its
     queries at once; the (run, query) partials are merged per query in segment order.
 
-    Runs are batched in a few groups of similar shape (see `_tree_ref_layout`): a group gathers
-    its runs' pages into [runs, Hkv, pages * page_size, D] and stacks each run's queries (padded
-    to the group's most) as the rows of one matmul, so there is no Python loop over runs.
+    Runs are batched in a few groups of similar shape (see `_TreeRefLayout`): a group gathers
+    its runs' pages once and stacks each run's queries (padded to the group's most) as the rows
+    of one matmul per KV head, so there is no Python loop over runs.
     """
     num_queries, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
     layout = _tree_ref_layout(plan, num_kv_heads, k_cache.shape[1], q.device)
-    qs = (q.to(cdt) * scale).view(num_queries, num_kv_heads, group, head_dim)
+    qs = _heads_major(q, num_kv_heads, scale, cdt)  # [Hkv, B, group, D]
     outs, lses = [], []
     for g in layout.groups:
-        qg = qs.index_select(0, g.queries).view(g.num_runs, g.num_queries, num_kv_heads, group, head_dim)
-        if g.num_queries > 1:
-            qg = qg.transpose(1, 2)
-        qg = qg.reshape(g.num_runs, num_kv_heads, g.num_queries * group, head_dim)
+        qg = qs.index_select(1, g.queries).view(num_kv_heads, g.num_runs, g.num_queries * group, head_dim)
         o, lse = _attend_pages(qg, k_cache, v_cache, g.pages, g.key_bias(cdt))
-        outs.append(o.view(-1, group, head_dim))    # rows (run, kv head, query slot)
+        outs.append(o.view(-1, group, head_dim))    # rows (kv head, run, query slot)
         lses.append(lse.view(-1, group))
     if layout.max_partials == 1:
-        rows = layout.merge_rows
         out_all, lse_all = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
-        out = out_all.index_select(0, rows).view(num_queries, num_q_heads, head_dim)
-        lse = lse_all.index_select(0, rows).view(num_queries, num_q_heads)
+        out = out_all.index_select(0, layout.merge_rows)
+        lse = lse_all.index_select(0, layout.merge_rows)
     else:
         out, lse = _merge_padded(outs, lses, layout, cdt)
-        out = out.view(num_queries, num_q_heads, head_dim)
-        lse = lse.view(num_queries, num_q_heads)
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    out = out.view(num_queries, num_q_heads, head_dim).to(q.dtype)
+    return (out, lse.view(num_queries, num_q_heads)) if return_lse else out
 
 
 def _merge_padded(outs, lses, layout, cdt):
@@ -359,8 +351,9 @@ class _TreeRefLayout:
                 e = ents[n]
                 g, idx = run_group[host.entry_run[e]]
                 grp = self.groups[g]
-                base = grp.row0 + idx * num_kv_heads * grp.num_queries + entry_slot[e]
-                rows.extend(base + h * grp.num_queries for h in range(num_kv_heads))
+                base = grp.row0 + idx * grp.num_queries + entry_slot[e]
+                stride = grp.num_runs * grp.num_queries
+                rows.extend(base + h * stride for h in range(num_kv_heads))
         self.merge_rows = torch.tensor(rows, dtype=torch.long).to(device)
 
 

@@ -15,6 +15,8 @@ import os
 import torch
 from torch import nn
 
+from vineppo.engine.model_runner import load_causal_lm
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_MODEL_FILE = "value_model.json"
 
@@ -90,7 +92,7 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
     (equivalently: the folder plus ``gguf_file``). The tokenizer gets a pad token when it has
     none (its eos token), because batched training pads.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not name_or_path:
         raise ValueError("load_policy needs a model name or path")
@@ -98,12 +100,7 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-    if gguf_file and importlib.util.find_spec("accelerate") is None:
-        model = _load_gguf_without_accelerate(name_or_path, gguf_file)
-        if dtype is not None:
-            model.to(resolve_dtype(dtype))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype) or "auto", **extra)
+    model = load_causal_lm(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
     if device is not None:
         model.to(device)
     if tokenizer.pad_token_id is None:
@@ -115,25 +112,6 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def _load_gguf_without_accelerate(folder: str, gguf_file: str):
-    """transformers' own GGUF reader, used directly: `from_pretrained(gguf_file=...)` insists on
-    the optional `accelerate` package, which the reader itself does not need."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(os.path.join(folder, gguf_file), return_tensors=True,
-                                   model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing:
-        raise ValueError(f"GGUF file {gguf_file} lacks weights for {missing[:5]}")
-    model.tie_weights()
-    model.eval()
-    return model
 
 
 class ValueModel(nn.Module):
