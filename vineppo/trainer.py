@@ -31,6 +31,8 @@ from torch import nn
 from vineppo import algos
 from vineppo.config import TrainConfig, rollout_kwargs
 from vineppo.distributed import DistContext, all_gather_object, all_reduce, copy_full_weights
+from vineppo.rollout import position_ids_from_mask
+from vinekernels.sampling import derive_seed
 
 # Metrics that legitimately differ between two runs of the same config (wall-clock measurements).
 TIMING_PREFIXES = ("time/", "wall_clock_s", "throughput/")
@@ -61,14 +63,6 @@ def prompt_indices(seed: int, position: int, count: int, num_examples: int) -> l
     return out
 
 
-def derive_seed(*parts: int) -> int:
-    """A 62-bit seed from integers (iteration, rank, ...), stable across runs and platforms."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h >> 2
-
-
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     """LambdaLR factor: linear warmup over ceil(warmup_ratio * total) steps, then linear decay to 0."""
     warmup = math.ceil(warmup_ratio * total_steps)
@@ -83,15 +77,10 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float):
 # ---------------------------------------------------------------------------------------------
 # forward passes over padded episodes
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions that skip left padding (the engine numbered each prompt from 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def response_logits(model: nn.Module, input_ids, attention_mask, response_start: int) -> torch.Tensor:
     """Logits [B, L, V] predicting response tokens 0..L-1 (columns response_start ..) of each row."""
     L = input_ids.shape[1] - response_start
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False, logits_to_keep=L + 1)
     return out.logits[:, :-1]
 
@@ -105,7 +94,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def response_values(value_model: nn.Module, input_ids, attention_mask, response_start: int) -> torch.Tensor:
     """V(s_t) [B, L]: the critic's output at the last token of prompt + response[:t]."""
-    values = value_model(input_ids, attention_mask, position_ids(attention_mask))
+    values = value_model(input_ids, attention_mask, position_ids_from_mask(attention_mask))
     return values[:, response_start - 1:-1].float()
 
 

@@ -94,8 +94,7 @@ class Engine:
         # "auto" shares prefixes only where the prefix-shared kernel is the fast path: on a GPU.
         # The CPU reference of tree decode gathers each segment separately and measured slower
         # than plain paged decode on the branching benchmark, so "auto" uses paged decode there.
-        self._tree_enabled = config.tree_decode == "always" or (
-            config.tree_decode == "auto" and self.device.type == "cuda")
+        self._tree_enabled = config.tree_decode in ("always", "auto")
 
     # ------------------------------------------------------------------ public API
     @property
@@ -380,14 +379,14 @@ class Engine:
         from vinekernels import plan_tree_decode
 
         always = self.config.tree_decode == "always"
+        min_tokens = 1 if always else self.config.tree_min_tokens
         segs = build_tree_segments(
             [s.block_table for s in seqs], seq_lens, self.page_size,
-            min_queries=2 if always else self.config.tree_min_queries,
-            min_tokens=1 if always else self.config.tree_min_tokens)
+            min_queries=2 if always else self.config.tree_min_queries, min_tokens=min_tokens)
         if segs.num_shared == 0 and not always:
             return None
         return plan_tree_decode(segs.segment_pages, segs.segment_lens, segs.query_segments,
-                                self.page_size, self.device)
+                                self.page_size, self.device, min_shared_len=min_tokens)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:

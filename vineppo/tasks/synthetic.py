@@ -1,15 +1,18 @@
 """Synthetic multi-step arithmetic: the embedded default task, small enough for a CPU.
 
-A problem is a start value and a chain of operations; the solution does one operation per line,
-so an error (typically a carry) happens in one identifiable step and later steps inherit it:
+A problem is a start value and a chain of operations written as one expression, evaluated left
+to right; the solution does one operation per line, so an error happens in one identifiable step
+and later steps inherit it:
 
-    question: Start with 17. Add 18. Multiply by 2. Subtract 19.
-    solution: 17 + 18 = 35
-              35 * 2 = 70
-              70 - 19 = 51
-              #### 51
+    question: 7 + 8 - 6 * 2
+    solution: 7 + 8 = 15
+              15 - 6 = 9
+              9 * 2 = 18
+              #### 18
 
-Every intermediate value stays in [0, max_value]. Train and test problems are drawn from two
+The question spells every operand exactly as the solution lines do and in the same order, so
+copying the next operand is a regular pattern a tiny character-level model learns quickly, and
+sequences stay short (cheap training steps). Every intermediate value stays in [0, max_value]. Train and test problems are drawn from two
 seeded streams; no test question appears in train, and the test set does not depend on num_train.
 """
 
@@ -29,14 +32,15 @@ _MAX_ATTEMPTS_PER_PROBLEM = 50
 class SyntheticConfig:
     """Difficulty knobs. Per-step accuracy falls with operand size (more carries) and the
     problem accuracy falls roughly geometrically with the number of steps. The defaults (2-3
-    steps, two-digit values) are sized for a tiny character-level model trained for minutes on
-    a CPU: it learns the format at once and the arithmetic only partly."""
+    additions/subtractions of one-digit operands, values up to 30) are sized for a tiny
+    character-level model trained for minutes on a CPU: it learns the format at once and the
+    arithmetic only partly."""
 
     num_steps: int = 3  # operations per problem (the most)
     min_steps: int | None = None  # the fewest operations (None: num_steps - 1, at least 1)
-    max_operand: int = 20  # start value and +/- operands are drawn from [1, max_operand]
-    max_multiplier: int = 3  # "Multiply by k" with k in [2, max_multiplier] (< 2 disables it)
-    max_value: int = 99  # every intermediate result stays in [0, max_value]
+    max_operand: int = 9  # start value and +/- operands are drawn from [1, max_operand]
+    max_multiplier: int = 1  # "* k" with k in [2, max_multiplier] (< 2 disables it)
+    max_value: int = 30  # every intermediate result stays in [0, max_value]
     num_train: int = 20_000
     num_test: int = 500
 
@@ -57,7 +61,7 @@ class SyntheticConfig:
 def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, list[str], int]:
     steps = rng.randint(cfg.fewest_steps, cfg.num_steps)
     value = rng.randint(1, cfg.max_operand)
-    words, lines = [f"Start with {value}."], []
+    terms, lines = [str(value)], []
     for _ in range(steps):
         ops = []
         if value + 1 <= cfg.max_value:
@@ -69,17 +73,17 @@ def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, list[str], 
         op = rng.choice(ops)
         if op == "+":
             x = rng.randint(1, min(cfg.max_operand, cfg.max_value - value))
-            new, words_op = value + x, f"Add {x}."
+            new = value + x
         elif op == "-":
             x = rng.randint(1, min(cfg.max_operand, value))
-            new, words_op = value - x, f"Subtract {x}."
+            new = value - x
         else:
             x = rng.randint(2, min(cfg.max_multiplier, cfg.max_value // value))
-            new, words_op = value * x, f"Multiply by {x}."
-        words.append(words_op)
+            new = value * x
+        terms.append(f"{op} {x}")
         lines.append(f"{value} {op} {x} = {new}")
         value = new
-    return " ".join(words), lines, value
+    return " ".join(terms), lines, value
 
 
 def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str):
@@ -144,5 +148,6 @@ def load_synthetic(seed: int = 0, max_steps: int = 25, **knobs) -> SyntheticTask
     train, test = generate_splits(cfg, seed)
     return SyntheticTask(
         name="synthetic", train=train, test=test, max_steps=max_steps, config=cfg,
-        chat_instruction="Compute one operation per line, then write '#### <answer>'.",
+        chat_instruction=("Evaluate left to right, one operation per line, "
+                          "then write '#### <answer>'."),
     )
