@@ -5,6 +5,7 @@ Workload: P prompts x N trajectories of L response tokens; a step boundary every
 (fixed lengths: EOS is ignored, so random weights are fine). Compared in one run:
 
   (a) engine: fork the live trajectories' pages, prefix-shared (tree) decode where it pays
+      (tree_decode="auto": the device's thresholds in vineppo.engine.engine)
   (b) engine: fork the live trajectories' pages, plain paged decode
   (c) engine: re-prefill every state once and fork its K children from it, plain paged decode
       (what a server with n=K sampling does)
@@ -171,8 +172,12 @@ def main(argv=None) -> dict:
         _sync(args.device)
         traj_seconds = traj_seconds or time.perf_counter() - t
         reqs = [BranchRequest(c.handle, offsets) for group in trajs for c in group]
+        tree_steps = eng.num_tree_steps
         timed(name, lambda: eng.branch(reqs, K, cont_params), eng)
-        results[name]["tree_decode_steps"] = eng.num_tree_steps
+        results[name]["tree_decode_steps"] = eng.num_tree_steps - tree_steps
+        if tree == "auto":
+            print(f"{'':<34} prefix-shared decode in {eng.num_tree_steps - tree_steps} of "
+                  f"{results[name]['decode_steps']} decode steps", flush=True)
         states = [(p, c.token_ids) for p, group in zip(prompts, trajs) for c in group]
         eng.release()
         del eng

@@ -230,9 +230,8 @@ def test_tree_decode_on_and_off_agree(llama, temperature):
                     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         tree_steps.append(eng.num_tree_steps)
     assert outs[0] == outs[1] == outs[2]
-    # "auto" uses the prefix-shared kernel only on a GPU
-    assert tree_steps[0] > 0 and tree_steps[1] == 0
-    assert (tree_steps[2] > 0) == torch.cuda.is_available()
+    # "auto" shares these prefixes (3 readers of >= 16 tokens each, above the thresholds set here)
+    assert tree_steps[0] > 0 and tree_steps[1] == 0 and tree_steps[2] > 0
 
 
 def test_seeds_n_and_batch_independence(engine):

@@ -53,6 +53,22 @@ def test_prefill_reference_matches_naive():
             assert rel_err(out[int(loc[b]) + j], expected) < 1e-12, f"seed {seed} seq {b} token {j}"
 
 
+def test_prefill_reference_one_token_per_sequence():
+    """One-token extends (forked continuations) take the decode path: same as the naive oracle."""
+    seed = _seed()
+    rng = random.Random(seed)
+    lens = random_lens(rng, 6, 8, 45)
+    prob = make_problem(seed, lens, 8, 2, 3, 16, torch.float32)
+    q = torch.randn(len(lens), prob.num_q_heads, 16)
+    loc = torch.arange(len(lens) + 1, dtype=torch.int32)
+    out = vk.paged_prefill_attention(q, prob.k_cache, prob.v_cache, prob.block_tables(1), loc,
+                                     torch.tensor(lens, dtype=torch.int32), prob.scale)
+    for b, n in enumerate(lens):
+        expected, _ = naive_attention(q[b], gather_tokens(prob.k_cache, prob.pages[b], n),
+                                      gather_tokens(prob.v_cache, prob.pages[b], n), prob.scale)
+        assert rel_err(out[b], expected) < 1e-5, f"seed {seed} seq {b}"
+
+
 def test_prefill_reference_chunks_large_batches(monkeypatch):
     """Chunking of the padded score tensor changes nothing."""
     import vinekernels.reference as ref
@@ -269,3 +285,131 @@ def test_tree_attention_validation():
         vk.tree_decode_attention(torch.zeros(1, 2, 16), torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16), plan, 0.1)
     with pytest.raises(ValueError, match="references page 3"):
         vk.tree_decode_attention(torch.zeros(1, 2, 16), torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), plan, 0.1)
+
+
+def _forest_problem(rng: random.Random, gen: torch.Generator, page_size: int, aligned: bool):
+    """A random prefix forest: prompts shared by trajectories, trajectory prefixes shared by their
+    branches (several levels, different lengths and query counts), private suffixes, and an
+    unrelated sequence. With `aligned`, every segment but a query's last is whole pages, so each
+    query's pages also form a plain block table."""
+    num_pages = 600
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    seg_pages, seg_lens, queries = [], [], []
+
+    def add(n):
+        if aligned and n % page_size:
+            n = max(page_size, n - n % page_size)
+        seg_pages.append([free.pop() for _ in range(-(-n // page_size))])
+        seg_lens.append(n)
+        return len(seg_lens) - 1
+
+    def suffix():
+        n = rng.choice([1, page_size - 1, page_size, page_size + 1, rng.randint(1, 4 * page_size)])
+        seg_pages.append([free.pop() for _ in range(-(-n // page_size))])
+        seg_lens.append(n)
+        return len(seg_lens) - 1
+
+    for _ in range(rng.randint(1, 3)):                      # prompts
+        prompt = add(rng.randint(1, 4) * page_size + rng.choice([0, 3]))
+        for _ in range(rng.randint(1, 3)):                  # trajectories
+            traj = add(rng.randint(1, 3) * page_size + rng.choice([0, 5]))
+            for _ in range(rng.randint(1, 3)):              # boundaries inside the trajectory
+                step = add(rng.randint(1, 2) * page_size)
+                for _ in range(rng.randint(1, 6)):          # branches
+                    queries.append([prompt, traj, step, suffix()])
+            queries.append([prompt, traj, suffix()])         # the trajectory itself
+    queries.append([suffix()])                               # an unrelated sequence
+    rng.shuffle(queries)
+    return seg_pages, seg_lens, queries
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_tree_reference_equals_paged_decode_on_random_forests(group):
+    """The vectorised tree reference (all shared runs gathered once, one masked attention per
+    group of runs, padded merge) equals plain paged decode and the float64 oracle."""
+    seed = _seed()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    page_size, num_kv_heads, head_dim = rng.choice([4, 8, 16]), 2, 16
+    seg_pages, seg_lens, queries = _forest_problem(rng, gen, page_size, aligned=True)
+    k_cache = torch.randn(600, page_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(600, page_size, num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(len(queries), num_kv_heads * group, head_dim, generator=gen)
+    tables = [[p for s in segs for p in seg_pages[s]] for segs in queries]
+    lens = [sum(seg_lens[s] for s in segs) for segs in queries]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    plain = vk.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.3)
+    for min_shared_len in (0, page_size, 64):
+        plan = vk.plan_tree_decode(seg_pages, seg_lens, queries, page_size, "cpu", min_shared_len=min_shared_len)
+        out = vk.tree_decode_attention(q, k_cache, v_cache, plan, 0.3)
+        if min_shared_len == 0:  # prompts, trajectories and steps shared: 3 or 4 partials per branch
+            layout = next(v for k, v in plan.reference_cache.items() if k[0] == "layout")
+            assert plan.num_shared_runs >= 3 and layout.max_partials >= 3
+        assert rel_err(out, plain) < 1e-5, f"seed {seed} min_shared_len {min_shared_len}"
+    for i in rng.sample(range(len(queries)), min(6, len(queries))):
+        expected, _ = naive_attention(q[i], gather_tokens(k_cache, tables[i], lens[i]),
+                                      gather_tokens(v_cache, tables[i], lens[i]), 0.3)
+        assert rel_err(out[i], expected) < 1e-5, f"seed {seed} query {i}"
+
+
+@pytest.mark.parametrize("chunk_elems", [None, 1 << 9])
+def test_tree_reference_matches_float64_oracle_with_lse(monkeypatch, chunk_elems):
+    """Unaligned shared segments, float64: output and log-sum-exp equal the naive oracle; tiny
+    chunks (many chunks per group) change nothing."""
+    import vinekernels.reference as ref
+
+    if chunk_elems is not None:
+        monkeypatch.setattr(ref, "_CHUNK_ELEMS", chunk_elems)
+    seed = _seed()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    page_size = rng.choice([4, 8])
+    seg_pages, seg_lens, queries = _forest_problem(rng, gen, page_size, aligned=False)
+    k_cache = torch.randn(600, page_size, 2, 8, generator=gen, dtype=torch.float64)
+    v_cache = torch.randn(600, page_size, 2, 8, generator=gen, dtype=torch.float64)
+    q = torch.randn(len(queries), 4, 8, generator=gen, dtype=torch.float64)
+    plan = vk.plan_tree_decode(seg_pages, seg_lens, queries, page_size, "cpu", min_shared_len=0)
+    out, lse = ref.tree_decode_ref(q, k_cache, v_cache, plan, 0.4, return_lse=True)
+    for i, segs in enumerate(queries):
+        k = torch.cat([gather_tokens(k_cache, seg_pages[s], seg_lens[s]) for s in segs])
+        v = torch.cat([gather_tokens(v_cache, seg_pages[s], seg_lens[s]) for s in segs])
+        expected, expected_lse = naive_attention(q[i], k, v, 0.4)
+        assert rel_err(out[i], expected) < 1e-12, f"seed {seed} query {i}"
+        assert torch.allclose(lse[i], expected_lse, atol=1e-12, rtol=0), f"seed {seed} query {i}"
+
+
+def test_grown_tree_plan_equals_fresh_plan():
+    """A decode step that stays within its pages reuses the previous plan (grown by one token per
+    query) and its reference layout; the result is bitwise that of planning afresh."""
+    from vineppo.engine.tree_plan import build_tree_segments, grow_tree_plan, tail_runs
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    page_size = 8
+    prefix = [10, 11, 12]                              # 24 shared tokens
+    tables = [prefix + [20 + i, 40 + i] for i in range(5)] + [[60, 61]]
+    lens = [24 + 9, 24 + 9, 24 + 10, 24 + 12, 24 + 9, 13]
+    k_cache = torch.randn(80, page_size, 2, 16, generator=gen)
+    v_cache = torch.randn(80, page_size, 2, 16, generator=gen)
+    q = torch.randn(len(tables), 4, 16, generator=gen)
+
+    def fresh(seq_lens):
+        segs = build_tree_segments(tables, seq_lens, page_size, min_queries=2, min_tokens=8)
+        return vk.plan_tree_decode(segs.segment_pages, segs.segment_lens, segs.query_segments, page_size,
+                                   "cpu", min_shared_len=8)
+
+    plan = fresh(lens)
+    assert plan.num_shared_runs == 1
+    vk.tree_decode_attention(q, k_cache, v_cache, plan, 0.25)      # builds the reference layout
+    grown = grow_tree_plan(plan, tail_runs(plan))
+    lens1 = [n + 1 for n in lens]
+    assert grown.host.run_lens == fresh(lens1).host.run_lens and grown.query_lens == lens1
+    assert torch.equal(vk.tree_decode_attention(q, k_cache, v_cache, grown, 0.25),
+                       vk.tree_decode_attention(q, k_cache, v_cache, fresh(lens1), 0.25))
+    block_tables = torch.tensor([t + [0] * (5 - len(t)) for t in tables], dtype=torch.int32)
+    plain = vk.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens1, dtype=torch.int32), 0.25)
+    assert rel_err(vk.tree_decode_attention(q, k_cache, v_cache, grown, 0.25), plain) < 1e-5
+    # query 3 fills its last page (24 + 16 tokens): one more token needs a new page, so no growing
+    full = fresh([24 + 16 if i == 3 else n for i, n in enumerate(lens1)])
+    assert grow_tree_plan(full, tail_runs(full)) is None

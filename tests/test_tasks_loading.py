@@ -198,23 +198,25 @@ def test_synthetic_solutions_are_correct_and_short():
     assert len(train) == 3000 and len(test) == 200
     counts = set()
     for ex in train + test:
-        start = int(re.match(r"Start with (\d+)\.", ex.question).group(1))
+        assert re.fullmatch(r"\d+( [-+*] \d+)+", ex.question)
+        start, *rest = ex.question.split(" ")
         lines = ex.solution.split("\n")
         assert lines[-1] == f"#### {ex.answer}"
-        value = start
-        ops = re.findall(r"(Add|Subtract|Multiply by) (\d+)\.", ex.question)
+        assert lines[0].startswith(f"{start} ")  # the first line starts from the first operand
+        value = int(start)
+        ops = list(zip(rest[::2], rest[1::2]))
         assert len(ops) == len(lines) - 1
         counts.add(len(ops))
         for (word, x), line in zip(ops, lines[:-1]):
             a, op, b, c = _LINE.match(line).groups()
-            assert int(a) == value and int(b) == int(x)
-            assert op == {"Add": "+", "Subtract": "-", "Multiply by": "*"}[word]
+            assert int(a) == value and b == x  # the operand is spelled as in the question
+            assert op == word
             value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
             assert int(c) == value and 0 <= value <= 500
             assert (op == "*" and 2 <= int(b) <= 5) or (op != "*" and 1 <= int(b) <= 60)
         assert int(ex.answer) == value
         assert all(len(line) <= 16 for line in lines)  # "500 - 60 = 440" is the longest form
-        assert len(ex.question) + len(ex.solution) <= 30 * (len(ops) + 1)
+        assert len(ex.question) + len(ex.solution) <= 20 * (len(ops) + 1)
     assert counts == {2, 3, 4}
 
 
@@ -236,8 +238,8 @@ def test_synthetic_splits_are_deterministic_and_disjoint():
 def test_synthetic_task_grades_and_splits_its_sft_targets():
     task = load_task("synthetic", num_train=100, num_test=10)
     assert task.config.num_steps == 3
-    # default knobs: problem plus solution stay under 120 characters (= tokens)
-    assert max(len(e.question) + len(e.solution) for e in task.train + task.test) < 120
+    # default knobs: problem plus solution stay under 64 characters (= tokens)
+    assert max(len(e.question) + len(e.solution) for e in task.train + task.test) < 64
     for ex in task.train:
         target = task.sft_target(ex)
         assert target.startswith(" ") and task.grade(target, ex) == 1.0

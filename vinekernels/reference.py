@@ -7,8 +7,10 @@ loops over tokens in Python. Inputs are assumed validated by the public wrappers
 
 Decode-style attention (paged decode and prefix-shared tree decode) shares one primitive,
 `_attend_pages`: whole pages are gathered with `index_select` (a plain row copy, several times
-faster on CPU than advanced indexing), laid out heads-major so both matmuls see contiguous
-operands, and padded keys are masked with an additive -inf bias.
+faster on CPU than advanced indexing), queries are laid out heads-major, each KV head's keys are
+read in place by one batched matmul, padded keys are masked with an additive -inf bias, and rows
+are processed in cache-sized chunks. Tree decode gathers each shared run once for all of its
+queries, batching runs of similar shape (see `_TreeRefLayout`).
 """
 
 from __future__ import annotations
@@ -35,28 +37,37 @@ def gather_kv(cache: torch.Tensor, page_table: torch.Tensor, max_len: int) -> to
 
 
 def _attend_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
-                  key_bias: torch.Tensor):
+                  key_bias: torch.Tensor, row_pages: list[int] | None = None):
     """Attention with log-sum-exp of pre-scaled queries over whole gathered pages.
 
     q: [Hkv, N, M, D], heads-major, already multiplied by the scale, in the compute dtype;
     pages: long [N, P]; key_bias: [N, 1, P * page_size], 0 on keys to attend and -inf on padding
     (every row must keep at least one key). Returns out [Hkv, N, M, D] and lse [Hkv, N, M].
+    row_pages (optional, non-increasing): pages row n needs; each chunk then gathers only as many
+    pages as its first row needs instead of P.
 
     Rows are processed in chunks of about `_CHUNK_ELEMS` gathered K elements (or score
     elements): small enough for each chunk's K, V and scores to stay in cache and be served by
     the allocator without fresh pages, which on CPU matters more than the per-chunk op overhead.
     """
     num_kv_heads, n, m, head_dim = q.shape
-    length = pages.shape[1] * k_cache.shape[1]
-    step = max(1, _CHUNK_ELEMS // (num_kv_heads * length * max(head_dim, m)))
-    if step >= n:
+    page_size = k_cache.shape[1]
+    full = pages.shape[1]
+    per_page = num_kv_heads * page_size * max(head_dim, m)
+    if row_pages is None and _CHUNK_ELEMS // (per_page * full) >= n:
         return _attend_pages_chunk(q, k_cache, v_cache, pages, key_bias)
     outs, lses = [], []
-    for r0 in range(0, n, step):
-        o, lse = _attend_pages_chunk(q[:, r0: r0 + step], k_cache, v_cache, pages[r0: r0 + step],
-                                     key_bias[r0: r0 + step])
+    r0 = 0
+    while r0 < n:
+        p = full if row_pages is None else row_pages[r0]
+        r1 = min(n, r0 + max(1, _CHUNK_ELEMS // (per_page * p)))
+        o, lse = _attend_pages_chunk(q[:, r0:r1], k_cache, v_cache, pages[r0:r1, :p],
+                                     key_bias[r0:r1, :, : p * page_size])
         outs.append(o)
         lses.append(lse)
+        r0 = r1
+    if len(outs) == 1:
+        return outs[0], lses[0]
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
@@ -92,11 +103,12 @@ def _key_bias(key_lens: torch.Tensor, length: int, dtype: torch.dtype) -> torch.
 def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
     """Masked attention (no lse) through torch's fused SDPA.
 
-    q: [N, M, Hq, D]; k, v: [N, L, Hkv, D]; keep: [N, M, L], every row keeping >= 1 token.
+    q: [N, M, Hq, D]; k, v: [N, Hkv, L, D] (contiguous); keep: [N, M, L], every row keeping >= 1
+    token. Returns [N, M, Hq, D].
     """
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None], scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2])
+        q.transpose(1, 2).contiguous(), k, v, attn_mask=keep[:, None], scale=scale,
+        enable_gqa=q.shape[2] != k.shape[1])
     return out.transpose(1, 2)
 
 
@@ -126,15 +138,20 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_
         out = torch.empty_like(q)
         lse = torch.empty(0, num_q_heads, dtype=cdt, device=q.device)
         return (out, lse) if return_lse else out
-    lens = seq_lens.long()
-    n_pages = -(-int(lens.max()) // page_size)
-    qs = _heads_major(q, num_kv_heads, scale, cdt)
-    o, lse = _attend_pages(qs, k_cache, v_cache, block_tables[:, :n_pages].long(),
-                           _key_bias(lens, n_pages * page_size, cdt))
-    out = o.transpose(0, 1).reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    # Rows sorted by length, longest first: each chunk gathers only the pages its rows need
+    # rather than the batch's longest table (decode batches mix lengths widely).
+    lens, order = torch.sort(seq_lens.long(), descending=True, stable=True)
+    row_pages = [-(-n // page_size) for n in lens.tolist()]
+    n_pages = row_pages[0]
+    qs = _heads_major(q.index_select(0, order), num_kv_heads, scale, cdt)
+    o, lse = _attend_pages(qs, k_cache, v_cache, block_tables.index_select(0, order)[:, :n_pages].long(),
+                           _key_bias(lens, n_pages * page_size, cdt), row_pages)
+    out = torch.empty_like(q).index_copy_(
+        0, order, o.transpose(0, 1).reshape(num_seqs, num_q_heads, head_dim).to(q.dtype))
     if not return_lse:
         return out
-    return out, lse.transpose(0, 1).reshape(num_seqs, num_q_heads)
+    lse_out = torch.empty(num_seqs, num_q_heads, dtype=cdt, device=q.device)
+    return out, lse_out.index_copy_(0, order, lse.transpose(0, 1).reshape(num_seqs, num_q_heads))
 
 
 def _heads_major(q: torch.Tensor, num_kv_heads: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -153,7 +170,11 @@ def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_le
         return out
     starts = query_start_loc[:-1].long()
     q_lens = query_start_loc[1:].long() - starts
+    if num_tokens == q_lens.shape[0] and bool((q_lens == 1).all()):
+        # one new token per sequence (e.g. the first token of forked continuations) is decode
+        return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
     lens = seq_lens.long()
+    page_size = k_cache.shape[1]
     for b0, b1 in _seq_chunks(q_lens.tolist(), lens.tolist(), num_q_heads):
         sl = slice(b0, b1)
         max_q, max_len = int(q_lens[sl].max()), int(lens[sl].max())
@@ -163,12 +184,23 @@ def paged_prefill_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_le
         valid = j[None, :] < q_lens[sl, None]  # [b, max_q]
         tok = (starts[sl, None] + j[None, :]).clamp(max=num_tokens - 1)
         pos = (lens[sl] - q_lens[sl])[:, None] + j[None, :]  # absolute position of each new token
-        keep = torch.arange(max_len, device=q.device)[None, None, :] <= pos[:, :, None]
-        k = gather_kv(k_cache, block_tables[sl], max_len).to(cdt)
-        v = gather_kv(v_cache, block_tables[sl], max_len).to(cdt)
-        o = _attend_sdpa(q[tok].to(cdt), k, v, keep, scale)
+        n_pages = -(-max_len // page_size)
+        keep = torch.arange(n_pages * page_size, device=q.device)[None, None, :] <= pos[:, :, None]
+        pages = block_tables[sl, :n_pages].long()
+        o = _attend_sdpa(q[tok].to(cdt), _gather_heads_major(k_cache, pages, cdt),
+                         _gather_heads_major(v_cache, pages, cdt), keep, scale)
         out[tok[valid]] = o[valid].to(q.dtype)
     return out
+
+
+def _gather_heads_major(cache: torch.Tensor, pages: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole pages of each row as one contiguous [N, Hkv, pages * page_size, D] tensor (SDPA's
+    layout: its CPU kernels are several times slower on strided inputs)."""
+    n, p = pages.shape
+    page_size, num_kv_heads, head_dim = cache.shape[1:]
+    kv = cache.index_select(0, pages.reshape(-1)).view(n, p * page_size, num_kv_heads, head_dim)
+    out = torch.empty(n, num_kv_heads, p * page_size, head_dim, dtype=dtype, device=cache.device)
+    return out.copy_(kv.transpose(1, 2))
 
 
 def _seq_chunks(q_lens: list[int], lens: list[int], num_q_heads: int):
@@ -230,12 +262,12 @@ def tree_decode_ref(q, k_cache, v_cache, plan, scale, return_lse: bool = False):
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
-    layout = _tree_ref_layout(plan, num_kv_heads, k_cache.shape[1], q.device)
+    layout = _tree_ref_layout(plan, num_q_heads, num_kv_heads, k_cache.shape[1], q.device)
     qs = _heads_major(q, num_kv_heads, scale, cdt)  # [Hkv, B, group, D]
     outs, lses = [], []
-    for g in layout.groups:
+    for g, bias in zip(layout.groups, layout.key_biases(plan, cdt)):
         qg = qs.index_select(1, g.queries).view(num_kv_heads, g.num_runs, g.num_queries * group, head_dim)
-        o, lse = _attend_pages(qg, k_cache, v_cache, g.pages, g.key_bias(cdt))
+        o, lse = _attend_pages(qg, k_cache, v_cache, g.pages, bias, g.row_pages)
         outs.append(o.view(-1, group, head_dim))    # rows (kv head, run, query slot)
         lses.append(lse.view(-1, group))
     if layout.max_partials == 1:
@@ -269,98 +301,119 @@ def _merge_padded(outs, lses, layout, cdt):
     return out, m[:, 0] + torch.log(total)
 
 
-# A group of runs may pad its score tensor to this many times the unpadded work (plus a small
-# allowance) before a new group starts: a few groups per step, little wasted arithmetic.
+# Grouping of runs: a group may pad its score tensor (queries x pages of its largest run, for
+# each run) to this many times the unpadded work, or by up to _GROUP_SLACK_ELEMS score elements:
+# another group costs a dozen more ops per layer, worth about that much padded arithmetic on CPU.
 _GROUP_PADDING = 2.0
-_GROUP_SLACK = 64  # query-pages a group may always add, cheaper than another group's op overhead
+_GROUP_SLACK_ELEMS = 1 << 12
 
 
 class _RunGroup:
     """Runs of a tree plan batched together by the reference: `num_runs` runs padded to
-    `num_pages` pages and `num_queries` queries each."""
+    `num_pages` pages and `num_queries` queries each. Holds no run lengths, so plans that differ
+    only in their runs' lengths (decode steps that stay within the same pages) can share it."""
 
-    def __init__(self, runs, run_pages, run_lens, run_queries, page_size, device):
+    def __init__(self, runs, run_pages, run_queries, page_size, device):
+        runs = sorted(runs, key=lambda r: -len(run_pages[r]))  # longest first, see _attend_pages
+        self.run_ids = runs
+        self.row_pages = [len(run_pages[r]) for r in runs]
         self.num_runs = len(runs)
-        self.num_pages = max(len(run_pages[r]) for r in runs)
+        self.num_pages = self.row_pages[0]
         self.num_queries = max(len(run_queries[r]) for r in runs)
         pages = [run_pages[r] + [0] * (self.num_pages - len(run_pages[r])) for r in runs]
         # padding query slots repeat the run's first query: finite rows that are never merged
         queries = [run_queries[r] + [run_queries[r][0]] * (self.num_queries - len(run_queries[r]))
                    for r in runs]
+        self.runs = torch.tensor(runs, dtype=torch.long).to(device)
         self.pages = torch.tensor(pages, dtype=torch.long).to(device)
         self.queries = torch.tensor(queries, dtype=torch.long).flatten().to(device)
-        self.key_lens = torch.tensor([run_lens[r] for r in runs], dtype=torch.long).to(device)
         self.length = self.num_pages * page_size
-        self._bias: dict[torch.dtype, torch.Tensor] = {}
-
-    def key_bias(self, dtype):
-        if dtype not in self._bias:
-            self._bias[dtype] = _key_bias(self.key_lens, self.length, dtype)
-        return self._bias[dtype]
 
 
 class _TreeRefLayout:
-    """How the reference batches one plan: groups of runs, and for every (query, partial, kv
-    head) the row of the concatenated group outputs that holds it (`merge_rows`, padded to
-    `max_partials` per query with the index of one extra row past the end)."""
+    """How the reference batches a plan: groups of runs, and for every (query, partial, kv head)
+    the row of the concatenated group outputs that holds it (`merge_rows`, padded to
+    `max_partials` per query with the index of one extra row past the end).
 
-    def __init__(self, plan, num_kv_heads: int, page_size: int, device):
+    It depends only on the plan's structure (runs' pages, queries, merge order), not on the
+    runs' lengths, which `key_biases` reads from the plan."""
+
+    def __init__(self, plan, num_q_heads: int, num_kv_heads: int, page_size: int, device):
         host = plan.host
         num_runs = len(host.run_lens)
         run_queries: list[list[int]] = [[] for _ in range(num_runs)]
-        entry_slot = []
-        for r, i in zip(host.entry_run, host.entry_query):
-            entry_slot.append(len(run_queries[r]))
+        run_first_entry = [0] * num_runs
+        for e, (r, i) in enumerate(zip(host.entry_run, host.entry_query)):
+            if not run_queries[r]:
+                run_first_entry[r] = e
             run_queries[r].append(i)
         self.num_kv_heads = num_kv_heads
-        self.groups: list[_RunGroup] = []
-        run_group: list[tuple[int, int]] = [(0, 0)] * num_runs  # (group, index in group)
-        order = sorted(range(num_runs), key=lambda r: (-len(run_queries[r]), -len(host.run_pages[r])))
+        score_row = page_size * num_q_heads  # score elements per (query, page)
         members: list[list[int]] = []
         q_max = p_max = work = 0
-        for r in order:
+        for r in sorted(range(num_runs), key=lambda r: (-len(run_queries[r]), -len(host.run_pages[r]))):
             nq, npg = len(run_queries[r]), len(host.run_pages[r])
             if members:
-                n, p = len(members[-1]) + 1, max(p_max, npg)
-                padded = n * q_max * p
-                if (padded <= _GROUP_PADDING * (work + nq * npg) + _GROUP_SLACK
-                        and padded * page_size * num_kv_heads <= _SCORE_BUDGET):
+                padded = (len(members[-1]) + 1) * q_max * max(p_max, npg)
+                unpadded = work + nq * npg
+                if (padded <= _GROUP_PADDING * unpadded or (padded - unpadded) * score_row <= _GROUP_SLACK_ELEMS) \
+                        and padded * score_row <= _SCORE_BUDGET:
                     members[-1].append(r)
-                    p_max, work = p, work + nq * npg
+                    p_max, work = max(p_max, npg), unpadded
                     continue
             members.append([r])
             q_max, p_max, work = nq, npg, nq * npg
+        # row of the concatenated outputs holding (run, first query slot, kv head 0), and the
+        # step between kv heads; entry e of run r sits at slot e - run_first_entry[r]
+        run_row = [0] * num_runs
+        run_head_stride = [0] * num_runs
+        self.groups: list[_RunGroup] = []
         row0 = 0
-        for g, runs in enumerate(members):
-            grp = _RunGroup(runs, host.run_pages, host.run_lens, run_queries, page_size, device)
-            grp.row0 = row0
-            for idx, r in enumerate(runs):
-                run_group[r] = (g, idx)
+        for runs in members:
+            grp = _RunGroup(runs, host.run_pages, run_queries, page_size, device)
+            for idx, r in enumerate(grp.run_ids):
+                run_row[r] = row0 + idx * grp.num_queries - run_first_entry[r]
+                run_head_stride[r] = grp.num_runs * grp.num_queries
             self.groups.append(grp)
             row0 += grp.num_runs * num_kv_heads * grp.num_queries
         self.num_rows = row0
         indptr = host.query_entry_indptr
-        self.max_partials = max(indptr[i + 1] - indptr[i] for i in range(len(indptr) - 1))
+        self.max_partials = max(b - a for a, b in zip(indptr[:-1], indptr[1:]))
         rows = []
-        for i in range(len(indptr) - 1):
-            ents = host.entry_merge_order[indptr[i]: indptr[i + 1]]
-            for n in range(self.max_partials):
-                if n >= len(ents):
-                    rows.extend([self.num_rows] * num_kv_heads)
-                    continue
-                e = ents[n]
-                g, idx = run_group[host.entry_run[e]]
-                grp = self.groups[g]
-                base = grp.row0 + idx * grp.num_queries + entry_slot[e]
-                stride = grp.num_runs * grp.num_queries
-                rows.extend(base + h * stride for h in range(num_kv_heads))
+        pad = [row0] * num_kv_heads
+        heads = range(num_kv_heads)
+        for a, b in zip(indptr[:-1], indptr[1:]):
+            for e in host.entry_merge_order[a:b]:
+                r = host.entry_run[e]
+                base, stride = run_row[r] + e, run_head_stride[r]
+                rows.extend([base + h * stride for h in heads])
+            rows.extend(pad * (self.max_partials - (b - a)))
         self.merge_rows = torch.tensor(rows, dtype=torch.long).to(device)
 
+    def key_biases(self, plan, dtype) -> list[torch.Tensor]:
+        """Each group's [runs, 1, length] key mask for this plan's run lengths (once per plan)."""
+        key = ("key_bias", id(self), dtype)
+        biases = plan.reference_cache.get(key)
+        if biases is None:
+            lens = plan.run_lens.long()
+            biases = [_key_bias(lens.index_select(0, g.runs), g.length, dtype) for g in self.groups]
+            plan.reference_cache[key] = biases
+        return biases
 
-def _tree_ref_layout(plan, num_kv_heads: int, page_size: int, device) -> _TreeRefLayout:
-    """The reference's batching of a plan, built once per plan (a plan serves every layer)."""
-    key = ("layout", num_kv_heads, page_size, str(device))
+
+def _tree_ref_layout(plan, num_q_heads: int, num_kv_heads: int, page_size: int, device) -> _TreeRefLayout:
+    """The reference's batching of a plan, built once per plan structure (a plan serves every
+    layer of a step; `share_reference_layout` hands it to the next step's plan)."""
+    key = ("layout", num_q_heads, num_kv_heads, page_size, str(device))
     layout = plan.reference_cache.get(key)
     if layout is None:
-        layout = plan.reference_cache[key] = _TreeRefLayout(plan, num_kv_heads, page_size, device)
+        layout = plan.reference_cache[key] = _TreeRefLayout(plan, num_q_heads, num_kv_heads, page_size, device)
     return layout
+
+
+def share_reference_layout(old_plan, new_plan) -> None:
+    """Let `new_plan` reuse `old_plan`'s reference layouts. Only valid when the two plans have the
+    same runs (pages, queries, merge order) and differ at most in run lengths."""
+    for key, value in old_plan.reference_cache.items():
+        if key[0] == "layout":
+            new_plan.reference_cache[key] = value

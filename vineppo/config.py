@@ -57,7 +57,7 @@ class TaskConfig:
     name: str = _f("synthetic", "task: synthetic | gsm8k | math")
     path: str = _f("", "local data folder/file or hub dataset name (gsm8k / math); empty = the task's default")
     num_steps: int = _f(3, "synthetic: arithmetic steps per problem (the most)")
-    max_operand: int = _f(20, "synthetic: largest start value and +/- operand")
+    max_operand: int = _f(9, "synthetic: largest start value and +/- operand")
     num_train: int = _f(20000, "synthetic: train problems generated")
     num_test: int = _f(500, "synthetic: test problems generated")
     max_train: int = _f(0, "use at most this many train problems (0 = all)")

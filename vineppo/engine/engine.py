@@ -32,7 +32,7 @@ from vineppo.engine.sampling import StopChecker, sample
 from vineppo.engine.scheduler import ScheduledBatch, Scheduler
 from vineppo.engine.sequence import (BranchRequest, Completion, SamplingParams, Sequence,
                                      branch_seed, sample_seed)
-from vineppo.engine.tree_plan import build_tree_segments
+from vineppo.engine.tree_plan import build_tree_segments, grow_tree_plan, tail_runs
 
 
 @dataclass
@@ -48,10 +48,12 @@ class EngineConfig:
     use_cuda_graphs: bool = True
     tree_decode: str = "auto"             # "auto" | "always" | "never"
     eos_token_id: int | list[int] | None = None   # None: generation config / config / tokenizer
-    # On a GPU, "auto" shares a prefix segment in decode only when this many queries read it ...
-    tree_min_queries: int = 4
-    # ... and it is at least this many tokens long; otherwise plain paged decode.
-    tree_min_tokens: int = 64
+    # "auto" shares a full-page prefix run in decode only when at least `tree_min_queries`
+    # queries read it and it is at least `tree_min_tokens` tokens long; everything else of a query
+    # is read like plain paged decode. None = the device default (CPU_TREE_THRESHOLDS or
+    # GPU_TREE_THRESHOLDS below). "always" shares every full page read by >= 2 queries.
+    tree_min_queries: int | None = None
+    tree_min_tokens: int | None = None
 
     def validate(self) -> None:
         if self.tree_decode not in ("auto", "always", "never"):
@@ -60,6 +62,19 @@ class EngineConfig:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+# Default (tree_min_queries, tree_min_tokens) of tree_decode="auto".
+# GPU: the prefix-shared kernel pays from one 64-token KV tile read by a handful of queries.
+GPU_TREE_THRESHOLDS = (4, 64)
+# CPU (torch reference, vinekernels.reference.tree_decode_ref): a shared run adds a few tensor
+# ops per layer (its share of a batched group, and the merge) and saves gathering its pages once
+# per query, so any full page read by two or more queries qualifies. Measured with
+# bench/branching.py (tiny model, 1 thread): with 128-token prompts tree decode is 1.2-1.4x
+# faster than plain paged decode; with the 32-token CPU default, where every shared run is a
+# single page, the two are within noise. Planning is nearly free: consecutive decode steps reuse
+# and grow the previous step's plan (see Engine._tree_plan).
+CPU_TREE_THRESHOLDS = (2, 16)
 
 
 class Engine:
@@ -91,10 +106,12 @@ class Engine:
         self.num_steps = 0
         self.num_tree_steps = 0       # decode steps that used the prefix-shared kernel
         self.device = self.runner.k_caches[0].device
-        # "auto" shares prefixes only where the prefix-shared kernel is the fast path: on a GPU.
-        # The CPU reference of tree decode gathers each segment separately and measured slower
-        # than plain paged decode on the branching benchmark, so "auto" uses paged decode there.
         self._tree_enabled = config.tree_decode in ("always", "auto")
+        defaults = GPU_TREE_THRESHOLDS if self.device.type == "cuda" else CPU_TREE_THRESHOLDS
+        self._tree_thresholds = (2, 1) if config.tree_decode == "always" else (
+            config.tree_min_queries if config.tree_min_queries is not None else defaults[0],
+            config.tree_min_tokens if config.tree_min_tokens is not None else defaults[1])
+        self._last_plan: _StepPlan | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -359,6 +376,8 @@ class Engine:
         plan = None
         if batch.decode_seqs and self._tree_enabled:
             plan = self._tree_plan(batch.decode_seqs, decode_lens)
+        else:
+            self._last_plan = None  # only consecutive decode steps may reuse a plan
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
             num_prefill_seqs=len(batch.prefill_seqs),
@@ -376,17 +395,43 @@ class Engine:
         return input_ids, positions, meta, sampled
 
     def _tree_plan(self, seqs: list[Sequence], seq_lens: list[int]):
+        """The prefix-sharing plan of a decode step, or None for plain paged decode.
+
+        Consecutive decode steps of the same sequences usually differ only by one token in each
+        sequence's own last page; the previous step's plan is then grown instead of re-planned
+        (sharing, which depends only on full pages, cannot have changed)."""
+        key = tuple((s.seq_id, len(s.block_table), s.block_table[-1]) for s in seqs)
+        last = self._last_plan
+        if last is not None and last.key == key and all(n == m + 1 for n, m in zip(seq_lens, last.seq_lens)):
+            plan = None if last.plan is None else grow_tree_plan(last.plan, last.tails)
+            if plan is not None or last.plan is None:
+                self._last_plan = _StepPlan(key, seq_lens, plan, last.tails)
+                return plan
+        plan = self._new_tree_plan(seqs, seq_lens)
+        self._last_plan = _StepPlan(key, seq_lens, plan, tail_runs(plan) if plan is not None else [])
+        return plan
+
+    def _new_tree_plan(self, seqs: list[Sequence], seq_lens: list[int]):
         from vinekernels import plan_tree_decode
 
         always = self.config.tree_decode == "always"
-        min_tokens = 1 if always else self.config.tree_min_tokens
-        segs = build_tree_segments(
-            [s.block_table for s in seqs], seq_lens, self.page_size,
-            min_queries=2 if always else self.config.tree_min_queries, min_tokens=min_tokens)
+        min_queries, min_tokens = self._tree_thresholds
+        segs = build_tree_segments([s.block_table for s in seqs], seq_lens, self.page_size,
+                                   min_queries=min_queries, min_tokens=min_tokens)
         if segs.num_shared == 0 and not always:
             return None
         return plan_tree_decode(segs.segment_pages, segs.segment_lens, segs.query_segments,
                                 self.page_size, self.device, min_shared_len=min_tokens)
+
+
+@dataclass
+class _StepPlan:
+    """The tree plan of the last decode step and what identifies its structure."""
+
+    key: tuple            # (seq id, number of pages, last page) of each decoding sequence
+    seq_lens: list[int]
+    plan: object          # TreePlan, or None when the step used plain paged decode
+    tails: list[int]      # run holding each query's newest token (see tree_plan.tail_runs)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
