@@ -56,6 +56,8 @@ class SFTConfig:
 class TaskConfig:
     name: str = _f("synthetic", "task: synthetic | gsm8k | math")
     path: str = _f("", "local data folder/file or hub dataset name (gsm8k / math); empty = the task's default")
+    on_error: str = _f("raise", "gsm8k / math: a malformed data row stops loading with its file and line "
+                       "('raise') or is skipped and counted ('skip')")
     num_steps: int = _f(3, "synthetic: arithmetic steps per problem (the most)")
     max_operand: int = _f(9, "synthetic: largest start value and +/- operand")
     num_train: int = _f(20000, "synthetic: train problems generated")
