@@ -114,3 +114,18 @@ def test_every_algo_accepted_and_presets_dir_beside_package():
         assert load_config(["--algo", algo]).algo == algo
     assert (configs_dir() / "tiny.yaml").is_file()
     assert configs_dir().parent.joinpath("vineppo", "config.py").is_file()
+
+
+def test_task_on_error_reaches_the_loader(tmp_path):
+    from vineppo.train import load_task_for
+
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    good = '{"question": "1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'
+    (data / "train.jsonl").write_text(good + '{"question": "no answer"}\n' + good)
+    (data / "test.jsonl").write_text(good)
+    argv = ["--preset", "gsm8k-rho1b", "--task.path", str(data)]
+    with pytest.raises(ValueError, match="train.jsonl:2"):
+        load_task_for(load_config(argv))
+    task = load_task_for(load_config(argv + ["--task.on_error", "skip"]))
+    assert len(task.train) == 2 and task.num_skipped == 1
