@@ -80,11 +80,15 @@ class SFTSettings:
         return os.path.join(self.cache_dir, f"{self.task}-{self.key()}")
 
 
+def synthetic_knobs(task_cfg) -> dict:
+    """The synthetic task's generator settings from a train config's task section; SFT and RL
+    both load the task with these, so they see the same train/test problems."""
+    return {k: getattr(task_cfg, k) for k in SYNTHETIC_KNOBS if hasattr(task_cfg, k)}
+
+
 def settings_from_train_config(cfg) -> SFTSettings:
     """SFT settings of a `vineppo.config.TrainConfig` (the same task, model and seed as RL)."""
-    knobs = {}
-    if cfg.task.name == "synthetic":
-        knobs = {k: getattr(cfg.task, k) for k in SYNTHETIC_KNOBS if hasattr(cfg.task, k)}
+    knobs = synthetic_knobs(cfg.task) if cfg.task.name == "synthetic" else {}
     num_examples = cfg.sft.num_examples
     if cfg.task.max_train and (num_examples == 0 or num_examples > cfg.task.max_train):
         num_examples = cfg.task.max_train

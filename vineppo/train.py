@@ -67,8 +67,9 @@ def load_task_for(cfg: TrainConfig):
     from vineppo.tasks import load_task
 
     if cfg.task.name == "synthetic":
-        knobs = dict(num_steps=cfg.task.num_steps, max_operand=cfg.task.max_operand,
-                     num_train=cfg.task.num_train, num_test=cfg.task.num_test)
+        from vineppo.sft import synthetic_knobs
+
+        knobs = synthetic_knobs(cfg.task)
     else:
         knobs = dict(on_error=cfg.task.on_error)
     return load_task(cfg.task.name, cfg.task.path or None, seed=cfg.seed, **knobs)
