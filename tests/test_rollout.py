@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vineppo.engine import Engine, EngineConfig, SamplingParams, branch_seed, sample_seed
+from vineppo.engine import Engine, EngineConfig, SamplingParams, branch_seed, derive_seed, sample_seed
 from vineppo.rollout import (Episode, RolloutConfig, collect_rollouts, decode_response, encode_prompt,
                              position_ids_from_mask, score, step_ids_of, to_rollout_batch)
 from vineppo.sft import SFTSettings, ensure_sft_checkpoint
@@ -44,7 +44,7 @@ CFG = dict(num_samples=3, mc_rollouts=4, max_steps=3, temperature=0.7, top_p=0.9
 def test_collect_rollouts_with_values(policy, task):
     model, tokenizer, _ = policy
     engine = _engine(model, tokenizer)
-    examples = task.test[:4]
+    examples = task.test[:8]
     cfg = RolloutConfig(**CFG)
     result = collect_rollouts(engine, task, examples, tokenizer, cfg, estimate_values=True)
 
@@ -90,10 +90,11 @@ def test_values_equal_fresh_generation_from_each_prefix(policy, task):
     result = collect_rollouts(engine, task, examples, tokenizer, cfg, estimate_values=True)
     checked = 0
     for i, e in enumerate(result.episodes):
-        trajectory_seed = sample_seed(cfg.seed, i % cfg.num_samples)
+        prompt_seed = derive_seed(cfg.seed, e.group_id)      # every prompt samples its own stream
+        trajectory_seed = sample_seed(prompt_seed, i % cfg.num_samples)
         # the recorded trajectory itself is what the seed gives
         again = engine.generate([e.prompt_ids], SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed,
+            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=prompt_seed,
             n=cfg.num_samples))[0][i % cfg.num_samples]
         assert again.token_ids == e.response_ids
         ex = examples[e.group_id]
@@ -108,6 +109,16 @@ def test_values_equal_fresh_generation_from_each_prefix(policy, task):
             checked += 1
     assert checked > len(result.episodes)
     assert engine.num_free_pages == engine.num_pages
+
+
+def test_every_prompt_samples_its_own_stream(policy, task):
+    """With one request seed for all prompts, sample j of a repeated prompt would repeat exactly."""
+    model, tokenizer, _ = policy
+    cfg = RolloutConfig(**dict(CFG, num_samples=4, temperature=1.0, top_p=1.0))
+    result = collect_rollouts(_engine(model, tokenizer), task, [task.test[0]] * 3, tokenizer, cfg,
+                              estimate_values=False)
+    groups = [[tuple(e.response_ids) for e in result.episodes if e.group_id == g] for g in range(3)]
+    assert groups[0] != groups[1] and groups[1] != groups[2]
 
 
 def test_collect_without_values_keeps_nothing(policy, task):

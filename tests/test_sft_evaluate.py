@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from vineppo.engine import Engine, EngineConfig, SamplingParams
+from vineppo.engine import Engine, EngineConfig, SamplingParams, derive_seed
 from vineppo.evaluate import evaluate
 from vineppo.evaluate import main as evaluate_main
 from vineppo.rollout import decode_response, encode_prompt, score
@@ -125,7 +125,9 @@ def test_evaluate_sampling_is_the_mean_over_problems_and_samples(sft):
                       template="plain", seed=3)
     assert "greedy_pass@1" not in result and result["num_samples"] == 4
     prompts = [encode_prompt(tokenizer, task.prompt(ex), "plain") for ex in examples]
-    outs = engine.generate(prompts, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, n=4, seed=3))
+    # example i samples with its own seed derived from (seed, i)
+    outs = engine.generate(prompts, [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, n=4,
+                                                    seed=derive_seed(3, i)) for i in range(5)])
     per_problem = [sum(score(task, decode_response(tokenizer, c.token_ids), ex, c.finish_reason)
                        for c in group) / 4 for ex, group in zip(examples, outs)]
     assert result["per_problem"] == per_problem

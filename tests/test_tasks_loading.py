@@ -220,6 +220,41 @@ def test_synthetic_solutions_are_correct_and_short():
     assert counts == {2, 3, 4}
 
 
+def test_synthetic_carry_slips_only_in_train_demonstrations():
+    clean_cfg = SyntheticConfig(num_train=3000, num_test=300)
+    slip_cfg = SyntheticConfig(num_train=3000, num_test=300, carry_slip=0.5)
+    clean_train, clean_test = generate_splits(clean_cfg, seed=5)
+    train, test = generate_splits(slip_cfg, seed=5)
+    # the problems and their exact answers do not depend on the slips; test solutions stay exact
+    assert [(e.question, e.answer) for e in train] == [(e.question, e.answer) for e in clean_train]
+    assert [e.solution for e in test] == [e.solution for e in clean_test]
+    carries = slips = wrong = 0
+    for ex in train:
+        lines = ex.solution.split("\n")
+        start, *rest = ex.question.split(" ")
+        value = int(start)
+        for (op, x), line in zip(zip(rest[::2], rest[1::2]), lines[:-1]):
+            a, b, c = re.fullmatch(r"(-?\d+) [-+] (\d+) = (-?\d+)", line).group(1, 2, 3)
+            assert int(a) == value and b == x          # the teacher goes on from its own value
+            exact = value + int(x) if op == "+" else value - int(x)
+            written = int(c)
+            if min(value, exact) >= 0 and exact // 10 != value // 10:
+                carries += 1
+                # a slip keeps the old tens digit and the right units digit
+                assert written in (exact, value // 10 * 10 + exact % 10)
+                slips += written != exact
+            else:
+                assert written == exact
+            value = written
+        assert lines[-1] == f"#### {value}"
+        assert ex.meta["demonstration_correct"] == (str(value) == ex.answer)
+        wrong += str(value) != ex.answer
+    assert 0.45 < slips / carries < 0.55
+    assert wrong > 0.2 * len(train)
+    with pytest.raises(ValueError, match="carry_slip"):
+        SyntheticConfig(carry_slip=1.5)
+
+
 def test_synthetic_splits_are_deterministic_and_disjoint():
     a = load_task("synthetic", seed=1, num_train=2000, num_test=300)
     b = load_task("synthetic", seed=1, num_train=2000, num_test=300)

@@ -192,3 +192,24 @@ def test_cli_default_with_budget(tiny_model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vineppo.train", "--ppo.lrr", "1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown option --ppo.lrr" in bad.stderr
+
+
+def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, parity_reward, monkeypatch):
+    """run.max_train_minutes counts iterations only (the metrics' wall_clock_s), not evaluation,
+    and the run goes on while one more iteration as long as the last one still fits."""
+    import vineppo.trainer as trainer_mod
+
+    real_iteration = trainer_mod.Trainer.iteration
+
+    def one_second_iteration(self, it):      # a fixed clock keeps the test independent of load
+        return dict(real_iteration(self, it), **{"time/iteration": 1.0})
+
+    monkeypatch.setattr(trainer_mod.Trainer, "iteration", one_second_iteration)
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate",
+                        lambda self: {"eval/accuracy": 0.0, "eval/num_problems": 0, "time/eval": 100.0})
+    train(small_args(tiny_model_dir, tmp_path / "budget", "grpo", "--ppo.num_iterations", "50",
+                     "--eval.every", "1", "--ppo.epochs", "1", "--run.max_minutes", "0",
+                     "--run.max_train_minutes", str(3.5 / 60)))
+    lines = training_lines(tmp_path / "budget")
+    # 1 + 1 and 2 + 1 seconds fit in 3.5; 3 + 1 does not
+    assert [m["wall_clock_s"] for m in lines] == [1.0, 2.0, 3.0]

@@ -50,6 +50,8 @@ class SFTConfig:
     warmup_ratio: float = _f(0.03, "fraction of SFT steps spent warming the learning rate up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_minutes: float = _f(0.0, "wall-clock cap on SFT (0 = none)")
+    seed: int = _f(0, "seed of SFT initialisation and data order (independent of the RL --seed, so "
+                   "runs with different seeds start from the same SFT checkpoint)")
 
 
 @dataclass
@@ -58,8 +60,15 @@ class TaskConfig:
     path: str = _f("", "local data folder/file or hub dataset name (gsm8k / math); empty = the task's default")
     on_error: str = _f("raise", "gsm8k / math: a malformed data row stops loading with its file and line "
                        "('raise') or is skipped and counted ('skip')")
+    seed: int = _f(0, "synthetic: seed of the generated train/test problems (independent of the RL "
+                   "--seed, so runs with different seeds are scored on the same test set)")
     num_steps: int = _f(3, "synthetic: arithmetic steps per problem (the most)")
+    min_steps: int = _f(0, "synthetic: the fewest steps per problem (0 = num_steps - 1)")
     max_operand: int = _f(9, "synthetic: largest start value and +/- operand")
+    max_multiplier: int = _f(1, "synthetic: '* k' steps with k up to this (< 2 = no multiplication)")
+    max_value: int = _f(30, "synthetic: every intermediate value stays in [0, max_value]")
+    carry_slip: float = _f(0.0, "synthetic: probability that a train demonstration (SFT target) forgets "
+                           "a carry/borrow; answers and rewards stay exact")
     num_train: int = _f(20000, "synthetic: train problems generated")
     num_test: int = _f(500, "synthetic: test problems generated")
     max_train: int = _f(0, "use at most this many train problems (0 = all)")
@@ -138,6 +147,9 @@ class RunConfig:
     resume: str = _f("", "run folder to continue from its latest checkpoint")
     max_iterations: int = _f(0, "stop after this many iterations in total (0 = ppo.num_iterations)")
     max_minutes: float = _f(0.0, "stop when this many minutes of wall clock have passed (0 = no limit)")
+    max_train_minutes: float = _f(0.0, "stop when this many minutes of training (iterations only, without "
+                                  "evaluation and checkpoints: the metrics' wall_clock_s) have passed; "
+                                  "equal budgets for comparing algorithms (0 = no limit)")
     save_every: int = _f(1, "checkpoint every this many iterations (also at the end; 0 = only at the end); "
                          "a killed run loses the iterations since its last checkpoint")
     keep_checkpoints: int = _f(2, "keep this many latest checkpoints")

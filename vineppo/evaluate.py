@@ -16,8 +16,10 @@ import time
 
 
 def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_p: float, max_tokens: int,
-             template: str = "plain", seed: int = 0, progress: bool = False) -> dict:
-    """Samples `n` responses per example and grades them.
+             template: str = "plain", seed: int = 0, progress: bool = False, first_index: int = 0) -> dict:
+    """Samples `n` responses per example and grades them. Example i samples with its own seed,
+    derived from `seed` and ``first_index + i`` (its position in the whole test set, so a sharded
+    evaluation draws what a single process would).
 
     Returns {"accuracy", "pass@1" (the same number), "num_problems", "num_samples",
     "mean_response_tokens", "truncated_fraction", "seconds", "per_problem" (fraction correct of
@@ -25,7 +27,7 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     cut off by `max_tokens` counts as wrong.
     """
     from vineppo.engine import SamplingParams
-    from vineppo.rollout import decode_response, encode_prompt, score
+    from vineppo.rollout import decode_response, encode_prompt, per_prompt_params, score
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -33,7 +35,8 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
         raise ValueError("evaluate needs at least one example")
     start = time.perf_counter()
     prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template) for ex in examples]
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed)
+    params = per_prompt_params(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                              n=n, seed=seed), len(prompts), first_index)
     outputs = engine.generate(prompts, params, progress=progress)
     per_problem, lengths, truncated = [], [], 0
     for example, group in zip(examples, outputs):
@@ -96,7 +99,7 @@ def _task_kwargs(args) -> dict:
         with open(settings_path) as f:
             saved = json.load(f)
         if saved.get("task") == "synthetic":
-            kwargs = dict(saved.get("task_knobs", {}), seed=saved.get("seed", 0))
+            kwargs = dict(saved.get("task_knobs", {}), seed=saved.get("task_seed", saved.get("seed", 0)))
     if args.task_seed is not None:
         kwargs["seed"] = args.task_seed
     for item in args.task_arg:

@@ -80,6 +80,19 @@ def encode_prompt(tokenizer, text: str, template: str = "plain") -> list[int]:
     return list(ids)
 
 
+def per_prompt_params(params, count: int, first_index: int = 0) -> list:
+    """`params` for each of `count` prompts, each with its own seed derived from ``params.seed``
+    and the prompt's position (``first_index`` + i). One shared seed would give sample j of every
+    prompt the same random numbers, so the samples of different prompts would be correlated."""
+    from dataclasses import replace
+
+    from vineppo.engine import derive_seed
+
+    if params.seed is None:
+        return [params] * count
+    return [replace(params, seed=derive_seed(params.seed, first_index + i)) for i in range(count)]
+
+
 def decode_response(tokenizer, token_ids: list[int]) -> str:
     """Response text as graded and split into steps: the tasks' decoding (special tokens such as
     eos skipped, no whitespace clean-up), so step boundaries map back onto the same tokens."""
@@ -118,8 +131,9 @@ def collect_rollouts(engine, task, examples, tokenizer, cfg: RolloutConfig,
         raise ValueError("collect_rollouts needs at least one example")
     prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, cfg.template), cfg.template)
                for ex in examples]
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed, n=cfg.num_samples)
+    params = per_prompt_params(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                              max_tokens=cfg.max_tokens, seed=cfg.seed, n=cfg.num_samples),
+                               len(prompts))
     timings = {"generation": 0.0, "grading": 0.0, "mc_rollouts": 0.0}
     handles: list[int] = []
     try:

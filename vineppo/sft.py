@@ -28,8 +28,8 @@ import torch
 SETTINGS_FILE = "sft_settings.json"
 LOG_FILE = "sft_log.json"
 # SyntheticConfig fields, taken from the train config's task section where it has them
-SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value", "num_train",
-                   "num_test")
+SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value", "carry_slip",
+                   "num_train", "num_test")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class SFTSettings:
     task: str = "synthetic"
     task_path: str = ""                               # local data for gsm8k / math
     task_knobs: dict = field(default_factory=dict)    # load_task(**knobs), e.g. synthetic num_steps
+    task_seed: int = 0                                # synthetic: generator seed of the problems
     model: str = "tiny"                               # "tiny" or anything load_policy accepts
     gguf_file: str = ""
     model_overrides: dict = field(default_factory=dict)  # tiny_model_config overrides
@@ -52,7 +53,7 @@ class SFTSettings:
     grad_clip: float = 1.0
     max_minutes: float = 0.0                          # wall-clock cap (0 = none)
     max_length: int = 0                               # truncate examples (0 = model's context)
-    seed: int = 0
+    seed: int = 0                                     # initialisation and data order
     cache_dir: str = "runs/sft"
     device: str = ""
     progress: bool = True
@@ -83,21 +84,25 @@ class SFTSettings:
 def synthetic_knobs(task_cfg) -> dict:
     """The synthetic task's generator settings from a train config's task section; SFT and RL
     both load the task with these, so they see the same train/test problems."""
-    return {k: getattr(task_cfg, k) for k in SYNTHETIC_KNOBS if hasattr(task_cfg, k)}
+    knobs = {k: getattr(task_cfg, k) for k in SYNTHETIC_KNOBS if hasattr(task_cfg, k)}
+    if knobs.get("min_steps") == 0:
+        knobs["min_steps"] = None      # the config's 0 means "num_steps - 1"
+    return knobs
 
 
 def settings_from_train_config(cfg) -> SFTSettings:
-    """SFT settings of a `vineppo.config.TrainConfig` (the same task, model and seed as RL)."""
+    """SFT settings of a `vineppo.config.TrainConfig`: the same task and model as RL; the seeds
+    are the config's ``sft.seed`` and ``task.seed``, never the RL seed."""
     knobs = synthetic_knobs(cfg.task) if cfg.task.name == "synthetic" else {}
     num_examples = cfg.sft.num_examples
     if cfg.task.max_train and (num_examples == 0 or num_examples > cfg.task.max_train):
         num_examples = cfg.task.max_train
     return SFTSettings(
-        task=cfg.task.name, task_path=cfg.task.path, task_knobs=knobs,
+        task=cfg.task.name, task_path=cfg.task.path, task_knobs=knobs, task_seed=cfg.task.seed,
         model=cfg.model.name, gguf_file=cfg.model.gguf_file, template=cfg.rollout.template,
         epochs=cfg.sft.epochs, num_examples=num_examples, batch_size=cfg.sft.batch_size,
         lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, weight_decay=cfg.sft.weight_decay,
-        grad_clip=cfg.ppo.grad_clip, max_minutes=cfg.sft.max_minutes, seed=cfg.seed,
+        grad_clip=cfg.ppo.grad_clip, max_minutes=cfg.sft.max_minutes, seed=cfg.sft.seed,
         cache_dir=cfg.sft.output_dir or os.path.join(cfg.run.output_dir, "sft"),
         device=cfg.run.device, progress=cfg.run.progress,
     )
@@ -114,7 +119,7 @@ def _as_settings(cfg) -> SFTSettings:
 def load_sft_task(s: SFTSettings):
     from vineppo.tasks import load_task
 
-    return load_task(s.task, s.task_path or None, seed=s.seed, **s.task_knobs)
+    return load_task(s.task, s.task_path or None, seed=s.task_seed, **s.task_knobs)
 
 
 def init_policy(s: SFTSettings, device):

@@ -72,7 +72,7 @@ def load_task_for(cfg: TrainConfig):
         knobs = synthetic_knobs(cfg.task)
     else:
         knobs = dict(on_error=cfg.task.on_error)
-    return load_task(cfg.task.name, cfg.task.path or None, seed=cfg.seed, **knobs)
+    return load_task(cfg.task.name, cfg.task.path or None, seed=cfg.task.seed, **knobs)
 
 
 def make_run_dir(cfg: TrainConfig, ctx: DistContext) -> str:

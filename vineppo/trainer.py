@@ -273,8 +273,9 @@ class Trainer:
         try:
             while self.state.iteration < total:
                 if self._out_of_time(iter_time, eval_time):
-                    self._print(f"stopping after iteration {self.state.iteration}: the run.max_minutes budget "
-                                f"({cfg.run.max_minutes} min) would be exceeded")
+                    self._print(f"stopping after iteration {self.state.iteration}: the time budget "
+                                f"(run.max_minutes {cfg.run.max_minutes}, run.max_train_minutes "
+                                f"{cfg.run.max_train_minutes}) would be exceeded")
                     break
                 it = self.state.iteration
                 metrics = self.iteration(it)
@@ -305,11 +306,17 @@ class Trainer:
         return last_eval
 
     def _out_of_time(self, iter_time: float, eval_time: float) -> bool:
-        """True when another iteration plus the final evaluation would overrun run.max_minutes."""
-        if self.cfg.run.max_minutes <= 0:
+        """True when another iteration (plus the final evaluation) would overrun run.max_minutes
+        or run.max_train_minutes."""
+        run = self.cfg.run
+        if run.max_minutes <= 0 and run.max_train_minutes <= 0:
             return False
-        spent = time.time() - self.start_time
-        flag = torch.tensor([float(spent + iter_time + eval_time > self.cfg.run.max_minutes * 60)])
+        over = False
+        if run.max_minutes > 0:
+            over = time.time() - self.start_time + iter_time + eval_time > run.max_minutes * 60
+        if run.max_train_minutes > 0:
+            over = over or self.state.train_seconds + iter_time > run.max_train_minutes * 60
+        flag = torch.tensor([float(over)])
         all_reduce(flag, self.ctx, op="max")   # every rank stops at the same iteration
         return bool(flag[0] > 0)
 
@@ -608,7 +615,8 @@ class Trainer:
         t = time.perf_counter()
         res = evaluate(self.engine, self.task, mine, self.tokenizer, n=cfg.eval.n, temperature=cfg.eval.temperature,
                        top_p=cfg.eval.top_p, max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens,
-                       template=cfg.rollout.template) if mine else {"accuracy": 0.0, "num_problems": 0}
+                       template=cfg.rollout.template, first_index=bounds[ctx.rank]) if mine else \
+            {"accuracy": 0.0, "num_problems": 0}
         parts = all_gather_object({k: v for k, v in res.items() if isinstance(v, (int, float))}, ctx)
         total = sum(p.get("num_problems", 0) for p in parts)
         out = {"num_problems": total, "time/eval": time.perf_counter() - t}

@@ -12,8 +12,17 @@ and later steps inherit it:
 
 The question spells every operand exactly as the solution lines do and in the same order, so
 copying the next operand is a regular pattern a tiny character-level model learns quickly, and
-sequences stay short (cheap training steps). Every intermediate value stays in [0, max_value]. Train and test problems are drawn from two
-seeded streams; no test question appears in train, and the test set does not depend on num_train.
+sequences stay short (cheap training steps). Every intermediate value stays in [0, max_value]. Train
+and test problems are drawn from two seeded streams; no test question appears in train, and the
+test set does not depend on num_train.
+
+Demonstrations can be imperfect: with ``carry_slip`` > 0 the train split's solutions (what SFT
+imitates) come from a careless teacher who, on a step that carries or borrows across a multiple of
+ten, forgets the carry with that probability (``17 + 5 = 12``, ``23 - 5 = 28``) and goes on from
+the wrong value. Answers and rewards stay exact, so a policy warm-started on these demonstrations
+has something to learn from reward alone: which of its two habits at a carry step pays off. That
+is credit assignment in its plainest form; one step of a correct-looking solution decides the
+outcome. Test solutions are always exact.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class SyntheticConfig:
     max_operand: int = 9  # start value and +/- operands are drawn from [1, max_operand]
     max_multiplier: int = 1  # "* k" with k in [2, max_multiplier] (< 2 disables it)
     max_value: int = 30  # every intermediate result stays in [0, max_value]
+    carry_slip: float = 0.0  # train demonstrations forget a carry/borrow with this probability
     num_train: int = 20_000
     num_test: int = 500
 
@@ -54,39 +64,58 @@ class SyntheticConfig:
             raise ValueError(f"need 1 <= min_steps <= num_steps, got {lo} and {self.num_steps}")
         if self.max_operand < 1 or self.max_value < self.max_operand:
             raise ValueError("need 1 <= max_operand <= max_value")
+        if not 0.0 <= self.carry_slip <= 1.0:
+            raise ValueError(f"carry_slip must be in [0, 1], got {self.carry_slip}")
         if self.num_train < 0 or self.num_test < 0:
             raise ValueError("num_train and num_test must be >= 0")
 
 
-def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, list[str], int]:
+def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[int, list[tuple[str, int]]]:
+    """A start value and its operations [(op, operand)], every exact intermediate in [0, max_value]."""
     steps = rng.randint(cfg.fewest_steps, cfg.num_steps)
-    value = rng.randint(1, cfg.max_operand)
-    terms, lines = [str(value)], []
+    start = value = rng.randint(1, cfg.max_operand)
+    ops = []
     for _ in range(steps):
-        ops = []
+        choices = []
         if value + 1 <= cfg.max_value:
-            ops.append("+")
+            choices.append("+")
         if value >= 1:
-            ops.append("-")
+            choices.append("-")
         if cfg.max_multiplier >= 2 and 1 <= value and value * 2 <= cfg.max_value:
-            ops.append("*")
-        op = rng.choice(ops)
+            choices.append("*")
+        op = rng.choice(choices)
         if op == "+":
             x = rng.randint(1, min(cfg.max_operand, cfg.max_value - value))
-            new = value + x
         elif op == "-":
             x = rng.randint(1, min(cfg.max_operand, value))
-            new = value - x
         else:
             x = rng.randint(2, min(cfg.max_multiplier, cfg.max_value // value))
-            new = value * x
-        terms.append(f"{op} {x}")
+        ops.append((op, x))
+        value = _apply(value, op, x)
+    return start, ops
+
+
+def _apply(value: int, op: str, x: int) -> int:
+    return value + x if op == "+" else value - x if op == "-" else value * x
+
+
+def _solution_lines(start: int, ops: list[tuple[str, int]], slip: float = 0.0,
+                    rng: random.Random | None = None) -> tuple[list[str], int]:
+    """One line per operation and the value reached. With `slip` > 0, a +/- step whose tens digit
+    changes forgets the carry (or borrow) with that probability, and later lines continue from
+    the written value, as a careless person's would."""
+    value, lines = start, []
+    for op, x in ops:
+        new = _apply(value, op, x)
+        if slip and op in "+-" and min(value, new) >= 0 and new // 10 != value // 10 and rng.random() < slip:
+            new = value // 10 * 10 + new % 10    # the tens digit of `value`, unchanged
         lines.append(f"{value} {op} {x} = {new}")
         value = new
-    return " ".join(terms), lines, value
+    return lines, value
 
 
-def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str):
+def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str,
+              slip: float = 0.0, slip_rng: random.Random | None = None):
     examples: list[Example] = []
     seen = set(exclude)
     attempts = 0
@@ -96,29 +125,34 @@ def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set
             raise ValueError(
                 f"only {len(examples)} distinct {split} problems found for {cfg}; widen the knobs"
             )
-        question, lines, answer = _problem(rng, cfg)
+        start, ops = _problem(rng, cfg)
+        question = " ".join([str(start)] + [f"{op} {x}" for op, x in ops])
         if question in seen:
             continue
         seen.add(question)
-        solution = "\n".join(lines + [f"#### {answer}"])
+        answer = _solution_lines(start, ops)[1]
+        # slips draw from their own stream, so the problems never depend on carry_slip
+        lines, written = _solution_lines(start, ops, slip, slip_rng)
         examples.append(
             Example(
                 id=f"synthetic/{split}/{len(examples)}",
                 question=question,
                 answer=str(answer),
-                solution=solution,
-                meta={"num_steps": len(lines)},
+                solution="\n".join(lines + [f"#### {written}"]),
+                meta={"num_steps": len(lines), "demonstration_correct": written == answer},
             )
         )
     return examples
 
 
 def generate_splits(cfg: SyntheticConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, test) examples, deterministic in (cfg, seed); train excludes every test question."""
+    """(train, test) examples, deterministic in (cfg, seed); train excludes every test question.
+    Only the train solutions carry slips (``cfg.carry_slip``)."""
     test = _generate(random.Random(f"synthetic-test-{seed}"), cfg, cfg.num_test, set(), "test")
     test_questions = {e.question for e in test}
     train = _generate(
-        random.Random(f"synthetic-train-{seed}"), cfg, cfg.num_train, test_questions, "train"
+        random.Random(f"synthetic-train-{seed}"), cfg, cfg.num_train, test_questions, "train",
+        cfg.carry_slip, random.Random(f"synthetic-train-slips-{seed}"),
     )
     return train, test
 
