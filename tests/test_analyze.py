@@ -354,7 +354,7 @@ def test_saved_settings_of_sft_and_run_folders(tmp_path):
 
     from vineppo.config import load_config
 
-    cfg = load_config(["--task.num_steps", "4", "--seed", "9"])
+    cfg = load_config(["--task.num_steps", "4", "--task.seed", "9", "--seed", "5"])
     run = tmp_path / "run"
     model_dir = run / "checkpoints" / "iter_000003" / "model"
     model_dir.mkdir(parents=True)
@@ -362,6 +362,6 @@ def test_saved_settings_of_sft_and_run_folders(tmp_path):
     cfg.save(run)
     s = analyze.saved_settings(str(model_dir))
     assert s.task == cfg.task.name == "synthetic"
-    assert s.task_kwargs["num_steps"] == 4 and s.task_kwargs["seed"] == 9
+    assert s.task_kwargs["num_steps"] == 4 and s.task_kwargs["seed"] == 9   # the data seed, not --seed
     assert analyze.saved_settings(str(tmp_path / "nowhere")).task is None
     assert analyze.parse_task_args(["num_steps=3", "name=x"]) == {"num_steps": 3, "name": "x"}

@@ -255,6 +255,28 @@ def test_synthetic_carry_slips_only_in_train_demonstrations():
         SyntheticConfig(carry_slip=1.5)
 
 
+def test_synthetic_early_answers_only_in_train_demonstrations():
+    cfg = SyntheticConfig(num_train=3000, num_test=300, early_answer=0.5)
+    clean_train, clean_test = generate_splits(SyntheticConfig(num_train=3000, num_test=300), seed=2)
+    train, test = generate_splits(cfg, seed=2)
+    assert [(e.question, e.answer) for e in train] == [(e.question, e.answer) for e in clean_train]
+    assert [e.solution for e in test] == [e.solution for e in clean_test]
+    early = 0
+    for ex, clean in zip(train, clean_train):
+        if ex.solution == clean.solution:
+            assert ex.meta["demonstration_correct"]
+            continue
+        # the clean solution with its last operation dropped: the value before it is the answer
+        clean_lines = clean.solution.split("\n")
+        value_before = clean_lines[-3].split(" = ")[1] if len(clean_lines) > 2 else ex.question.split(" ")[0]
+        assert ex.solution.split("\n") == clean_lines[:-2] + [f"#### {value_before}"]
+        assert ex.meta["demonstration_correct"] == (value_before == ex.answer)
+        early += 1
+    assert 0.45 < early / len(train) < 0.55
+    with pytest.raises(ValueError, match="early_answer"):
+        SyntheticConfig(early_answer=-0.1)
+
+
 def test_synthetic_splits_are_deterministic_and_disjoint():
     a = load_task("synthetic", seed=1, num_train=2000, num_test=300)
     b = load_task("synthetic", seed=1, num_train=2000, num_test=300)

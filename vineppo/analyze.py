@@ -609,7 +609,9 @@ def saved_settings(model_path: str, levels: int = 4) -> SavedSettings:
         if os.path.isfile(sft_file):
             with open(sft_file) as f:
                 s = json.load(f)
-            kwargs = dict(s.get("task_knobs", {}), seed=s.get("seed", 0)) if s.get("task") == "synthetic" else {}
+            kwargs = {}
+            if s.get("task") == "synthetic":
+                kwargs = dict(s.get("task_knobs", {}), seed=s.get("task_seed", s.get("seed", 0)))
             return SavedSettings(s.get("task"), s.get("task_path") or None, s.get("template"), kwargs)
         if os.path.isfile(run_file):
             with open(run_file) as f:
@@ -619,7 +621,9 @@ def saved_settings(model_path: str, levels: int = 4) -> SavedSettings:
                 from vineppo.sft import synthetic_knobs
 
                 cfg = TrainConfig.load(run_file)
-                kwargs = dict(synthetic_knobs(cfg.task), seed=cfg.seed) if cfg.task.name == "synthetic" else {}
+                kwargs = {}
+                if cfg.task.name == "synthetic":
+                    kwargs = dict(synthetic_knobs(cfg.task), seed=cfg.task.seed)
                 return SavedSettings(cfg.task.name, cfg.task.path or None, cfg.rollout.template, kwargs)
         parent = os.path.dirname(path)
         if parent == path:

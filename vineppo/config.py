@@ -69,6 +69,8 @@ class TaskConfig:
     max_value: int = _f(30, "synthetic: every intermediate value stays in [0, max_value]")
     carry_slip: float = _f(0.0, "synthetic: probability that a train demonstration (SFT target) forgets "
                            "a carry/borrow; answers and rewards stay exact")
+    early_answer: float = _f(0.0, "synthetic: probability that a train demonstration (SFT target) writes "
+                             "its answer one operation before the end; answers and rewards stay exact")
     num_train: int = _f(20000, "synthetic: train problems generated")
     num_test: int = _f(500, "synthetic: test problems generated")
     max_train: int = _f(0, "use at most this many train problems (0 = all)")

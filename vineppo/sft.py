@@ -29,7 +29,7 @@ SETTINGS_FILE = "sft_settings.json"
 LOG_FILE = "sft_log.json"
 # SyntheticConfig fields, taken from the train config's task section where it has them
 SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value", "carry_slip",
-                   "num_train", "num_test")
+                   "early_answer", "num_train", "num_test")
 
 
 @dataclass

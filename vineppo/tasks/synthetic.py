@@ -16,13 +16,14 @@ sequences stay short (cheap training steps). Every intermediate value stays in [
 and test problems are drawn from two seeded streams; no test question appears in train, and the
 test set does not depend on num_train.
 
-Demonstrations can be imperfect: with ``carry_slip`` > 0 the train split's solutions (what SFT
-imitates) come from a careless teacher who, on a step that carries or borrows across a multiple of
-ten, forgets the carry with that probability (``17 + 5 = 12``, ``23 - 5 = 28``) and goes on from
-the wrong value. Answers and rewards stay exact, so a policy warm-started on these demonstrations
-has something to learn from reward alone: which of its two habits at a carry step pays off. That
-is credit assignment in its plainest form; one step of a correct-looking solution decides the
-outcome. Test solutions are always exact.
+Demonstrations can be imperfect. The train split's solutions (what SFT imitates) may come from a
+careless teacher who, with probability ``early_answer``, writes ``#### <value>`` one operation
+before the end, and who, with probability ``carry_slip``, forgets the carry of a step that
+crosses a multiple of ten (``17 + 5 = 12``, ``23 - 5 = 28``) and goes on from the wrong value.
+Answers and rewards stay exact, so a policy warm-started on these demonstrations has something
+to learn from reward alone: which of its two habits at such a step pays off. That is credit
+assignment in its plainest form; one step of a correct-looking solution decides the outcome.
+Test solutions are always exact.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SyntheticConfig:
     max_multiplier: int = 1  # "* k" with k in [2, max_multiplier] (< 2 disables it)
     max_value: int = 30  # every intermediate result stays in [0, max_value]
     carry_slip: float = 0.0  # train demonstrations forget a carry/borrow with this probability
+    early_answer: float = 0.0  # train demonstrations answer before the last operation with this probability
     num_train: int = 20_000
     num_test: int = 500
 
@@ -64,8 +66,9 @@ class SyntheticConfig:
             raise ValueError(f"need 1 <= min_steps <= num_steps, got {lo} and {self.num_steps}")
         if self.max_operand < 1 or self.max_value < self.max_operand:
             raise ValueError("need 1 <= max_operand <= max_value")
-        if not 0.0 <= self.carry_slip <= 1.0:
-            raise ValueError(f"carry_slip must be in [0, 1], got {self.carry_slip}")
+        for name in ("carry_slip", "early_answer"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.num_train < 0 or self.num_test < 0:
             raise ValueError("num_train and num_test must be >= 0")
 
@@ -107,7 +110,8 @@ def _solution_lines(start: int, ops: list[tuple[str, int]], slip: float = 0.0,
     value, lines = start, []
     for op, x in ops:
         new = _apply(value, op, x)
-        if slip and op in "+-" and min(value, new) >= 0 and new // 10 != value // 10 and rng.random() < slip:
+        carries = op in "+-" and min(value, new) >= 0 and new // 10 != value // 10
+        if slip and carries and rng.random() < slip:
             new = value // 10 * 10 + new % 10    # the tens digit of `value`, unchanged
         lines.append(f"{value} {op} {x} = {new}")
         value = new
@@ -115,7 +119,7 @@ def _solution_lines(start: int, ops: list[tuple[str, int]], slip: float = 0.0,
 
 
 def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str,
-              slip: float = 0.0, slip_rng: random.Random | None = None):
+              careless: bool = False, slip_rng: random.Random | None = None):
     examples: list[Example] = []
     seen = set(exclude)
     attempts = 0
@@ -131,8 +135,11 @@ def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set
             continue
         seen.add(question)
         answer = _solution_lines(start, ops)[1]
-        # slips draw from their own stream, so the problems never depend on carry_slip
-        lines, written = _solution_lines(start, ops, slip, slip_rng)
+        # slips draw from their own stream, so the problems never depend on the teacher's care
+        written_ops = ops
+        if careless and cfg.early_answer and slip_rng.random() < cfg.early_answer:
+            written_ops = ops[:-1]
+        lines, written = _solution_lines(start, written_ops, cfg.carry_slip if careless else 0.0, slip_rng)
         examples.append(
             Example(
                 id=f"synthetic/{split}/{len(examples)}",
@@ -147,12 +154,12 @@ def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set
 
 def generate_splits(cfg: SyntheticConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """(train, test) examples, deterministic in (cfg, seed); train excludes every test question.
-    Only the train solutions carry slips (``cfg.carry_slip``)."""
+    Only the train solutions carry the teacher's slips (``carry_slip``, ``early_answer``)."""
     test = _generate(random.Random(f"synthetic-test-{seed}"), cfg, cfg.num_test, set(), "test")
     test_questions = {e.question for e in test}
     train = _generate(
         random.Random(f"synthetic-train-{seed}"), cfg, cfg.num_train, test_questions, "train",
-        cfg.carry_slip, random.Random(f"synthetic-train-slips-{seed}"),
+        True, random.Random(f"synthetic-train-slips-{seed}"),
     )
     return train, test
 
