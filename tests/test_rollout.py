@@ -12,7 +12,7 @@ from vineppo.tasks import step_token_offsets
 KNOBS = {"num_steps": 2, "max_operand": 6, "max_multiplier": 1, "max_value": 15, "num_train": 600,
          "num_test": 20}
 SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "max_position_embeddings": 256}
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
 @pytest.fixture(scope="module")

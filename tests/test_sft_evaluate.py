@@ -16,7 +16,7 @@ from vineppo.sft import (LOG_FILE, SFTSettings, _collate, encode_examples, ensur
 KNOBS = {"num_steps": 2, "max_operand": 6, "max_multiplier": 1, "max_value": 15, "num_train": 600,
          "num_test": 20}
 SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "max_position_embeddings": 256}
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
 def _settings(cache_dir, **kw):
