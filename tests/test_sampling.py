@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from vinekernels.sampling import (derive_seed, processed_logprobs, sample_tokens,
+from vinekernels.sampling import (derive_seed, kept_log_mass, processed_logprobs, sample_tokens,
                                   uniform_from_seed, uniform_from_seed_python)
 from vinekernels._ext import load_extension
 
@@ -113,6 +113,26 @@ def test_reference_matches_float64(dtype):
             if p["temperature"][i] == 0:
                 x = logits[i].float()
                 assert tok == int(torch.nonzero(x == x.max())[0])
+
+
+@pytest.mark.parametrize("candidates", [1, 4, 64])
+def test_kept_log_mass_links_sampled_and_unfiltered_logprobs(candidates):
+    """log_softmax(x / T)[token] - kept_log_mass is the logprob the sampler returns, whether the
+    top-p threshold is found among the candidates or by the full sort."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    b, v = 64, random.randint(2, 300)
+    logits, p = _random_case(b, v, gen)
+    tokens, logprobs = sample_tokens(logits, impl="torch", **p)
+    mass = kept_log_mass(logits, p["temperature"], p["top_k"], p["top_p"], candidates=candidates)
+    assert mass.shape == (b,) and mass.dtype == torch.float32
+    for i in range(b):
+        t = p["temperature"][i].item()
+        full = torch.softmax(logits[i].float().double() / (1.0 if t == 0 else t), 0)
+        kept = _probs64(logits[i], t, p["top_k"][i].item(), p["top_p"][i].item()) > 0
+        expected = 0.0 if t == 0 else math.log(full[kept].sum().item())
+        assert abs(mass[i].item() - expected) < 1e-5
+        tok = tokens[i].item()
+        assert abs(math.log(full[tok].item()) - mass[i].item() - logprobs[i].item()) < 1e-5
 
 
 def test_empirical_distribution_matches_processed_probs():

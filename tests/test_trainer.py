@@ -105,6 +105,15 @@ def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward)
     assert os.path.isfile(tmp_path / "run" / "config.yaml")
 
 
+def test_engine_ratio_under_top_p(tiny_model_dir, tmp_path, parity_reward):
+    """With top-p the engine scores tokens within the kept set; the trainer renormalises alike."""
+    train(small_args(tiny_model_dir, tmp_path / "run", "grpo", "--rollout.top_p", "0.8",
+                     "--ppo.num_iterations", "1"))
+    (m,) = training_lines(tmp_path / "run")
+    assert m["policy/top_p_log_mass_mean"] < -1e-3        # the filter did cut mass
+    assert m["policy/engine_ratio_max_abs_log"] < 1e-4
+
+
 def train_initial(model_dir):
     from transformers import AutoModelForCausalLM
 

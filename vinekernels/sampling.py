@@ -27,7 +27,7 @@ import torch
 
 from vinekernels._ext import load_extension
 
-__all__ = ["sample_tokens", "sample_tokens_torch", "processed_logprobs", "uniform_from_seed",
+__all__ = ["sample_tokens", "sample_tokens_torch", "processed_logprobs", "kept_log_mass", "uniform_from_seed",
            "uniform_from_seed_python", "derive_seed"]
 
 _MASK64 = (1 << 64) - 1
@@ -137,16 +137,22 @@ def _invalid_rows_error(rows: list[int]) -> ValueError:
 
 
 # ---------------------------------------------------------------- torch reference
+def _scaled(logits, temperature):
+    """x = logits / T in float32, as the kernel computes it (T = 1 for greedy rows); rows without
+    a distribution raise."""
+    t_eff = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    x = logits.float() / t_eff[:, None]
+    bad = torch.isnan(x).any(1) | (x == float("inf")).any(1) | (x == float("-inf")).all(1)
+    if bool(bad.any()):
+        raise _invalid_rows_error(bad.nonzero().flatten().tolist())
+    return x
+
+
 def _process(logits, temperature, top_k, top_p):
     """Scaled logits x (float32), row maxima, float64 masses e = exp(x - max) and the kept set."""
     v = logits.shape[1]
     greedy = temperature == 0
-    t_eff = torch.where(greedy, torch.ones_like(temperature), temperature)
-    x = logits.float() / t_eff[:, None]            # float32, as the kernel computes it
-    bad = torch.isnan(x).any(1) | (x == float("inf")).any(1) | (x == float("-inf")).all(1)
-    if bool(bad.any()):
-        raise _invalid_rows_error(bad.nonzero().flatten().tolist())
-
+    x = _scaled(logits, temperature)
     xmax = x.max(dim=1, keepdim=True).values
     e = torch.exp(x.double() - xmax.double())       # float64 masses; e_max == 1
     keep = torch.ones_like(x, dtype=torch.bool)
@@ -182,6 +188,50 @@ def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     _, _, e, keep = _process(logits, temperature, top_k, top_p)
     ek = e * keep
     return torch.log(ek / ek.sum(1, keepdim=True)).float()
+
+
+def kept_log_mass(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, candidates: int = 64) -> torch.Tensor:
+    """float32 [B]: log of the probability that softmax(logits / T) puts on the kept set.
+
+    A sampled token's returned logprob is ``log_softmax(logits / T)[token] - kept_log_mass``; 0 for
+    rows that filter nothing (and for greedy rows, which :func:`sample_tokens` scores unfiltered).
+
+    Rows with top-p alone look for the threshold among their ``candidates`` largest values first
+    (a partial top-k instead of a vocabulary-wide sort); rows whose threshold lies further down,
+    and rows with top-k, take the sorting path of :func:`sample_tokens_torch`."""
+    b = logits.shape[0]
+    zeros = torch.zeros(b, dtype=torch.int64, device=logits.device)
+    _validate(logits, temperature, top_k, top_p, zeros, zeros)
+    v = logits.shape[1]
+    out = torch.zeros(b, dtype=torch.float32, device=logits.device)
+    if b == 0:
+        return out
+    greedy = temperature == 0
+    x = _scaled(logits, temperature)
+    xmax = x.max(dim=1, keepdim=True).values
+    e = torch.exp(x.double() - xmax.double())
+    total = e.sum(1)
+    only_p = (top_p < 1) & ((top_k == 0) | (top_k >= v)) & ~greedy
+    found = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    rows = only_p.nonzero().flatten()
+    if rows.numel() > 0:
+        xs = torch.topk(x[rows], min(candidates, v), dim=1).values        # descending
+        cum = torch.cumsum(torch.exp(xs.double() - xmax[rows].double()), dim=1)
+        target = top_p[rows].double() * total[rows]
+        # the first sorted position whose cumulative mass reaches p * M is the threshold, as in _process
+        hit = cum[:, -1] >= target
+        first = torch.searchsorted(cum, target[:, None]).clamp(max=xs.shape[1] - 1)
+        keep = x[rows] >= xs.gather(1, first)
+        mass = torch.log((e[rows] * keep).sum(1)) - torch.log(total[rows])
+        out[rows[hit]] = mass[hit].float()
+        found[rows[hit]] = True
+    rest = ((top_p < 1) | ((top_k > 0) & (top_k < v))) & ~greedy & ~found
+    rows = rest.nonzero().flatten()
+    if rows.numel() > 0:
+        _, _, er, keep = _process(logits[rows], temperature[rows], top_k[rows], top_p[rows])
+        out[rows] = (torch.log((er * keep).sum(1)) - torch.log(er.sum(1))).float()
+    return out
 
 
 def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):

@@ -45,9 +45,12 @@ METRICS_SCHEMA: dict[str, str] = {
     "policy/ratio_max": "max pi/pi_old over response tokens",
     "policy/approx_kl": "k3 estimate of KL(pi_old || pi) during the update",
     "policy/engine_ratio_mean": "mean exp(trainer logprob - engine logprob) on the rollout tokens "
-                                "before the first update of the iteration (should be ~1)",
+                                "before the first update of the iteration (should be ~1); both score "
+                                "the token within the top-p set the engine sampled from",
     "policy/engine_ratio_max_abs_log": "max |trainer logprob - engine logprob| on those tokens",
     "policy/engine_log_ratio_abs_mean": "mean |trainer logprob - engine logprob| on those tokens",
+    "policy/top_p_log_mass_mean": "mean log of the probability mass top-p sampling keeps, on those tokens "
+                                  "(0 without top-p; how far the sampler is from the policy it trains)",
     "value/mean": "mean state-value estimate (MC V(s_t) for vineppo, value network for ppo)",
     "value/std": "std of the state-value estimates",
     "advantage/mean": "mean advantage over response tokens, before whitening",

@@ -32,7 +32,7 @@ from vineppo import algos
 from vineppo.config import TrainConfig, rollout_kwargs
 from vineppo.distributed import DistContext, all_gather_object, all_reduce, copy_full_weights
 from vineppo.rollout import position_ids_from_mask
-from vinekernels.sampling import derive_seed
+from vinekernels.sampling import derive_seed, kept_log_mass
 
 # Metrics that legitimately differ between two runs of the same config (wall-clock measurements).
 TIMING_PREFIXES = ("time/", "wall_clock_s", "throughput/")
@@ -90,6 +90,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     logits = logits.float() / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sampler_log_mass(logits: torch.Tensor, temperature: float, top_p: float, rows: int = 256) -> torch.Tensor:
+    """[B, L]: log of the softmax(logits / temperature) mass the engine's top-p filter keeps at each
+    position, in chunks of `rows` positions (the filter sorts a vocabulary-wide row per position)."""
+    if top_p >= 1:
+        return torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])
+    n = flat.shape[0]
+    temp = torch.full((n,), float(temperature), device=flat.device)
+    p = torch.full((n,), float(top_p), device=flat.device)
+    k = torch.zeros(n, dtype=torch.int32, device=flat.device)
+    parts = [kept_log_mass(flat[i:i + rows], temp[i:i + rows], k[i:i + rows], p[i:i + rows])
+             for i in range(0, n, rows)]
+    return torch.cat(parts).reshape(logits.shape[:-1])
 
 
 def response_values(value_model: nn.Module, input_ids, attention_mask, response_start: int) -> torch.Tensor:
@@ -173,10 +188,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def batched_forward(fn, n: int, micro_batch_size: int) -> torch.Tensor:
-    """torch.cat of fn(slice) over micro-batches of [0, n)."""
+    """torch.cat of fn(slice) over micro-batches of [0, n), right-padding the last dim with 0."""
     parts = [fn(slice(i, min(n, i + micro_batch_size))) for i in range(0, n, micro_batch_size)]
-    width = max(p.shape[1] for p in parts)
-    return torch.cat([nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+    width = max(p.shape[-1] for p in parts)
+    return torch.cat([nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
 
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, ctx: DistContext, eps: float = 1e-8) -> torch.Tensor:
@@ -367,14 +382,17 @@ class Trainer:
         self.policy.eval()
         targets = input_ids[:, response_start:]
 
-        def logprobs_of(model):
+        def logprobs_of(model, with_kept_mass=False):
             def fn(s):
                 with _autocast(dev, self.param_dtype):
                     logits = response_logits(model, input_ids[s], attention_mask[s], response_start)
-                return token_logprobs(logits, targets[s], cfg.rollout.temperature)
-            return batched_forward(fn, E, mbs) * mask
+                lp = token_logprobs(logits, targets[s], cfg.rollout.temperature)
+                if not with_kept_mass:
+                    return lp
+                return torch.stack([lp, sampler_log_mass(logits, cfg.rollout.temperature, cfg.rollout.top_p)], 1)
+            return batched_forward(fn, E, mbs) * (mask[:, None] if with_kept_mass else mask)
 
-        old_logprobs = logprobs_of(self.policy)
+        old_logprobs, kept_mass = logprobs_of(self.policy, with_kept_mass=True).unbind(1)
         ref_logprobs = logprobs_of(self.ref_model) if self.ref_model is not None else None
         old_values = None
         if self.value_model is not None:
@@ -391,11 +409,12 @@ class Trainer:
         if cfg.ppo.whiten_advantages:
             advantages = global_whiten(advantages, mask, ctx)
 
-        # engine vs trainer: how far the sampler's logprobs are from the trainer's (before any update)
+        # engine vs trainer, before any update: the engine scores a token within the top-p set it
+        # sampled from, so the trainer's logprob is renormalised the same way for this comparison
         engine_lp = rollout.pad_right([e.engine_logprobs for e in episodes], 0.0, torch.float32,
                                       width=mask.shape[1]).to(dev)
-        log_ratio = (old_logprobs - engine_lp) * mask
-        ratio_stats = torch.stack([log_ratio.abs().sum(), mask.sum(), log_ratio.sum()]).double()
+        log_ratio = (old_logprobs - kept_mass - engine_lp) * mask
+        ratio_stats = torch.stack([log_ratio.abs().sum(), mask.sum(), log_ratio.sum(), kept_mass.sum()]).double()
         all_reduce(ratio_stats, ctx)
         ratio_max = log_ratio.abs().max().reshape(1).double()
         all_reduce(ratio_max, ctx, op="max")
@@ -437,6 +456,7 @@ class Trainer:
             "policy/engine_ratio_mean": math.exp(float(ratio_stats[2] / ratio_stats[1].clamp(min=1))),
             "policy/engine_log_ratio_abs_mean": float(ratio_stats[0] / ratio_stats[1].clamp(min=1)),
             "policy/engine_ratio_max_abs_log": float(ratio_max[0]),
+            "policy/top_p_log_mass_mean": float(ratio_stats[3] / ratio_stats[1].clamp(min=1)),
         }
         raw = raw_advantages.to(dev)
         metrics["advantage/mean"], metrics["advantage/std"] = _masked_global_mean_std(raw, mask, ctx)
