@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vineppo.engine import Engine, EngineConfig, SamplingParams, derive_seed
-from vineppo.evaluate import evaluate
+from vineppo.evaluate import accuracy_by_meta, evaluate
 from vineppo.evaluate import main as evaluate_main
 from vineppo.rollout import decode_response, encode_prompt, score
 from vineppo.sft import (LOG_FILE, SFTSettings, _collate, encode_examples, ensure_sft_checkpoint,
@@ -140,8 +140,26 @@ def test_evaluate_sampling_is_the_mean_over_problems_and_samples(sft):
                        for c in group) / 4 for ex, group in zip(examples, outs)]
     assert result["per_problem"] == per_problem
     assert result["accuracy"] == pytest.approx(sum(per_problem) / 5)
+    assert result["accuracy_by"] == accuracy_by_meta(examples, per_problem)
     with pytest.raises(ValueError):
         evaluate(engine, task, examples, tokenizer, n=0, temperature=0.7, top_p=0.9, max_tokens=8)
+
+
+def test_accuracy_by_meta_groups_plain_values():
+    from vineppo.tasks.base import Example
+
+    def ex(i, **meta):
+        return Example(id=str(i), question="q", answer="1", solution="#### 1", meta=meta)
+
+    examples = [ex(0, level=1, subject="algebra", tags=["a"]), ex(1, level=2, subject="algebra", tags=[]),
+                ex(2, level=2, subject="algebra", tags=[]), ex(3, level=3, subject="geometry", tags=[])]
+    by = accuracy_by_meta(examples, [1.0, 0.5, 0.0, 0.25])
+    assert by["level"] == {"1": [1.0, 1], "2": [0.25, 2], "3": [0.25, 1]}
+    assert by["subject"] == {"algebra": [0.5, 3], "geometry": [0.25, 1]}
+    assert "tags" not in by                                   # lists are not a grouping
+    assert accuracy_by_meta(examples, [1.0] * 4, max_groups=2).keys() == {"subject"}
+    # a key that some examples lack, or that takes one value only, gives no grouping
+    assert accuracy_by_meta(examples + [ex(4)], [1.0] * 5) == {}
 
 
 def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
@@ -149,13 +167,16 @@ def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
     out = tmp_path / "eval.json"
     result = evaluate_main(["--model", path, "--limit", "6", "--n", "1",
                             "--temperature", "0", "--max-tokens", "48", "--output", str(out), "--no-progress"])
-    assert "accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed
     saved = json.loads(out.read_text())
     assert saved["accuracy"] == result["accuracy"] and saved["num_problems"] == 6
     assert saved["task"] == "synthetic" and saved["task_kwargs"]["num_steps"] == KNOBS["num_steps"]
     engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
     direct = evaluate(engine, task, task.test[:6], tokenizer, n=1, temperature=0.0, top_p=1.0, max_tokens=48)
     assert direct["per_problem"] == result["per_problem"]
+    assert saved["accuracy_by"] == accuracy_by_meta(task.test[:6], result["per_problem"])
+    assert all(f"by {key}:" in printed for key in saved["accuracy_by"])
 
 
 def test_settings_follow_the_train_config():

@@ -26,8 +26,8 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
 
     Returns {"accuracy", "pass@1" (the same number), "num_problems", "num_samples",
     "mean_response_tokens", "truncated_fraction", "seconds", "per_problem" (fraction correct of
-    each problem, in order)} and, for one greedy sample per problem, "greedy_pass@1". A response
-    cut off by `max_tokens` counts as wrong.
+    each problem, in order), "accuracy_by" (see :func:`accuracy_by_meta`)} and, for one greedy
+    sample per problem, "greedy_pass@1". A response cut off by `max_tokens` counts as wrong.
     """
     from vineppo.engine import SamplingParams
     from vineppo.rollout import decode_response, encode_prompt, per_prompt_params, score
@@ -59,10 +59,24 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
         "truncated_fraction": truncated / len(lengths),
         "seconds": time.perf_counter() - start,
         "per_problem": per_problem,
+        "accuracy_by": accuracy_by_meta(examples, per_problem),
     }
     if n == 1 and temperature == 0:
         result["greedy_pass@1"] = accuracy
     return result
+
+
+def accuracy_by_meta(examples, per_problem: list[float], max_groups: int = 20) -> dict:
+    """{meta key: {value: [accuracy, problems]}} for every example.meta key that takes a few
+    plain values (MATH level and subject, the synthetic task's number of steps)."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for example, score in zip(examples, per_problem):
+        for key, value in example.meta.items():
+            if isinstance(value, (str, int, bool)):
+                groups.setdefault(key, {}).setdefault(str(value), []).append(score)
+    return {key: {value: [sum(s) / len(s), len(s)] for value, s in sorted(by_value.items())}
+            for key, by_value in groups.items()
+            if 1 < len(by_value) <= max_groups and sum(map(len, by_value.values())) == len(examples)}
 
 
 def _parse_args(argv):
@@ -138,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); mean response "
           f"{result['mean_response_tokens']:.0f} tokens, {100 * result['truncated_fraction']:.1f}% truncated, "
           f"{result['seconds']:.1f}s")
+    for key, by_value in result["accuracy_by"].items():
+        print(f"  by {key}: " + ", ".join(f"{v} {100 * acc:.1f}% ({count})" for v, (acc, count) in by_value.items()))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(vars(args), task=task_name, data=data, task_kwargs=kwargs, template=template,
