@@ -505,7 +505,7 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_tables(summary: dict) -> str:
+def format_tables(summary: dict, device: str = "cpu") -> str:
     names, choice = summary["estimators"], summary["choice"]
     head = (f"{summary['num_problems']} problems (mean trajectory reward {summary['mean_trajectory_reward']:.3f}), "
             f"{summary['num_states']} states; mean ground-truth V {summary['mean_ground_truth']:.3f} "
@@ -526,7 +526,8 @@ def format_tables(summary: dict) -> str:
         lines.append(f"| {n} | {_pct(acc['accuracy'])} | {_pct(acc['accuracy_when_differ'])} |")
     lines += ["", "## Time and generated tokens", "", "| phase | seconds | tokens |", "|---|---|---|"]
     lines += [f"| {k} | {summary['seconds'][k]:.1f} | {summary['tokens'].get(k, 0)} |" for k in summary["seconds"]]
-    lines += ["", "The engine compiles kernels and captures CUDA graphs on first use, mostly in the first phases."]
+    if str(device).startswith("cuda"):
+        lines += ["", "The engine compiles kernels and captures CUDA graphs on first use, mostly in the first phases."]
     return "\n".join(lines) + "\n"
 
 
@@ -578,7 +579,7 @@ def write_outputs(result: ValuesResult, summary: dict, settings: dict, out_dir: 
     with open(os.path.join(out_dir, "values.json"), "w") as f:
         json.dump(record, f, indent=1)
     title = f"# Value estimators: {settings.get('model')} on {settings.get('task')} ({settings.get('split')})\n\n"
-    tables = format_tables(summary)
+    tables = format_tables(summary, settings.get("device", "cpu"))
     with open(os.path.join(out_dir, "values.md"), "w") as f:
         f.write(title + tables)
     plot_values(result, out_dir)
