@@ -121,12 +121,10 @@ def main(argv=None) -> None:
     rows = summarize(run_dirs)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    plot = ["vineppo.plot", *run_dirs, "--group-by-seed", "--out", os.path.join(args.out, "curves.png")]
-    _python(plot)
-    table = subprocess.run([sys.executable, "-m", "vineppo.plot", *run_dirs, "--group-by-seed", "--table",
-                            *(["--reference", "ppo"] if "ppo" in args.algos else []),
-                            "--out", os.path.join(args.out, "curves.png")],
-                           check=True, capture_output=True, text=True).stdout
+    plot = [sys.executable, "-m", "vineppo.plot", *run_dirs, "--group-by-seed", "--table",
+            *(["--reference", "ppo"] if "ppo" in args.algos else []), "--out", os.path.join(args.out, "curves.png")]
+    print("$", " ".join(plot), flush=True)
+    table = subprocess.run(plot, check=True, stdout=subprocess.PIPE, text=True).stdout
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)

@@ -189,8 +189,9 @@ def test_plot_writes_png(runs, tmp_path, capsys):
         main(runs + ["--out", out2, "--table", "--reference", "ppo"])
     assert main(runs + ["--out", out2, "--table", "--reference", "ppo", "--band", "std",
                         "--group-by-seed"]) == 0
-    printed = capsys.readouterr().out
-    assert f"wrote {out2}" in printed and "algo=vineppo (2 seeds)" in printed
+    printed = capsys.readouterr()
+    assert f"wrote {out2}" in printed.err and printed.out.startswith("| run |")
+    assert "algo=vineppo (2 seeds)" in printed.out
     assert os.path.getsize(out2) > 20_000
     # one line per run (no grouping) draws too, and the default output goes beside the runs
     assert main(runs) == 0

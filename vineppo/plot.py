@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = group_runs(runs, by_seed=args.group_by_seed, ignore=ignore)
     out = args.out or _default_out(args.run_dirs)
     plot_groups(groups, out, band=args.band, title=args.title)
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)     # stdout carries the table alone
     if args.table:
         try:
             rows = summarize_groups(groups, args.target_accuracy, args.reference)
