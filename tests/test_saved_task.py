@@ -2,7 +2,7 @@
 
 import json
 
-from vineppo.saved_task import parse_task_args, saved_settings
+from vineppo.saved_task import choose_task, parse_task_args, saved_settings
 
 
 def test_saved_settings_of_sft_and_run_folders(tmp_path):
@@ -26,3 +26,17 @@ def test_saved_settings_of_sft_and_run_folders(tmp_path):
     assert s.task_kwargs["num_steps"] == 4 and s.task_kwargs["seed"] == 9   # the data seed, not --seed
     assert saved_settings(str(tmp_path / "nowhere")).task is None
     assert parse_task_args(["num_steps=3", "name=x"]) == {"num_steps": 3, "name": "x"}
+
+
+def test_choose_task_layers_arguments_over_the_checkpoint(tmp_path):
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    (sft_dir / "sft_settings.json").write_text(json.dumps(
+        {"task": "synthetic", "task_path": "", "task_knobs": {"num_steps": 2}, "template": "chat", "seed": 4}))
+    c = choose_task(str(sft_dir), None, None, None, ["max_operand=5"], task_seed=7)
+    assert (c.name, c.data, c.template) == ("synthetic", None, "chat")
+    assert c.kwargs == {"num_steps": 2, "seed": 7, "max_operand": 5}
+    other = choose_task(str(sft_dir), "gsm8k", "data/gsm8k", "plain", [])
+    assert (other.name, other.data, other.kwargs, other.template) == ("gsm8k", "data/gsm8k", {}, "plain")
+    bare = choose_task("HuggingFaceTB/SmolLM2-135M-Instruct", None, None, None, [])
+    assert (bare.name, bare.kwargs, bare.template) == ("gsm8k", {}, "plain")

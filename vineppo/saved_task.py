@@ -71,3 +71,26 @@ def parse_task_args(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+@dataclass
+class TaskChoice:
+    """The task a command runs on: what the user said, else the checkpoint's, else the defaults."""
+    name: str
+    data: str | None
+    kwargs: dict
+    template: str
+
+
+def choose_task(model_path: str, task: str | None, data: str | None, template: str | None,
+                task_args: list[str], task_seed: int | None = None) -> TaskChoice:
+    """--task/--data/--template win; the checkpoint's data and knobs apply when its task is the one
+    chosen; --task-seed and --task-arg KEY=VALUE go on top. Defaults: gsm8k, plain template."""
+    saved = saved_settings(model_path) if os.path.exists(model_path) else SavedSettings()
+    name = task or saved.task or "gsm8k"
+    same = saved.task == name
+    kwargs = dict(saved.task_kwargs) if same else {}
+    if task_seed is not None:
+        kwargs["seed"] = task_seed
+    kwargs.update(parse_task_args(task_args))
+    return TaskChoice(name, data or (saved.data if same else None), kwargs, template or saved.template or "plain")
