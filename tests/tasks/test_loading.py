@@ -12,7 +12,7 @@ from vineppo.tasks import build_synthetic_tokenizer, load_task
 from vineppo.tasks import loading
 from vineppo.tasks.synthetic import SyntheticConfig, generate_splits
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")  # ../shared/data beside the checkout
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")  # ../shared/data beside the checkout
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not present")
 
 

@@ -9,7 +9,7 @@ import pytest
 from vineppo.tasks import load_task
 from vineppo.tasks.steps import math_spans, merge_steps, split_math_steps, split_newline_steps
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")  # ../shared/data beside the checkout
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")  # ../shared/data beside the checkout
 
 
 def _rows(name, split):

@@ -1,5 +1,5 @@
 """The torch references (the CPU path of every vinekernels op) against naive float64 attention,
-the tree planner, and input validation. Triton kernels are tested in test_kernels_triton.py."""
+the tree planner, and input validation. Triton kernels are tested in test_triton_interpreted.py."""
 
 import random
 

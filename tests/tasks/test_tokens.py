@@ -15,7 +15,7 @@ from vineppo.tasks import step_token_offsets
 from vineppo.tasks import tokens as tokens_mod
 from vineppo.tasks.steps import split_math_steps, split_newline_steps
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")  # ../shared/data beside the checkout
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")  # ../shared/data beside the checkout
 UNICODE_TEXTS = [
     "Café costs 3€.\nThe naïve answer: 日本 is 2 chars.\n#### 5",
     "We get $x = \u03c0/2$. 😀 Then\n\n$\\boxed{\u00bd}$ — done.",
