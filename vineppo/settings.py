@@ -49,6 +49,11 @@ def _parse_check(spec: str) -> list[tuple[str, float]]:
     raise ValueError(f"bad check spec {spec!r}: expected e.g. '> 0', '>= 1' or '(0, 1]'")
 
 
+def _words(check: str) -> str:
+    """'> 0' as is, '(0, 1]' as 'in (0, 1]'."""
+    return check if _BOUND.match(check.strip()) else f"in {check.strip()}"
+
+
 _OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b,
         "<=": lambda v, b: v <= b}
 
@@ -58,7 +63,7 @@ def allowed(f: dataclasses.Field) -> str:
     check, choices = f.metadata.get("check"), f.metadata.get("choices")
     if choices:
         return "one of " + ", ".join(map(str, choices))
-    return f"must be {check}" if check else ""
+    return f"must be {_words(check)}" if check else ""
 
 
 def check_value(name: str, value, f: dataclasses.Field) -> None:
@@ -70,9 +75,9 @@ def check_value(name: str, value, f: dataclasses.Field) -> None:
         return
     for item in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ValueError(f"{name} must be a number {check}; got {item!r}")
+            raise ValueError(f"{name} must be a number {_words(check)}; got {item!r}")
         if math.isnan(item) or not all(_OPS[op](item, bound) for op, bound in _parse_check(check)):
-            raise ValueError(f"{name} must be {check}; got {item!r}")
+            raise ValueError(f"{name} must be {_words(check)}; got {item!r}")
 
 
 def check_settings(obj, prefix: str | None = None) -> None:
