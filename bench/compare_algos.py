@@ -27,7 +27,10 @@ import subprocess
 import sys
 import time
 
-ALGOS = ("vineppo", "ppo", "grpo", "rloo")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vineppo.algos import ALGOS  # noqa: E402
+
 DONE_FILE = "compare_done.json"
 
 

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from vineppo.algos import (ADVANTAGE_ESTIMATORS, AlgoConfig, RolloutBatch, compute_advantages,
-                           entropy_from_logits, kl_k3, kl_penalty, masked_mean, mc_step_values,
+from vineppo.algos import (ESTIMATORS, AdvantageConfig, RolloutBatch, compute_advantages,
+                           entropy_from_logits, estimator, kl_k3, kl_penalty, masked_mean, mc_step_values,
                            policy_loss, value_loss, whiten)
+from vineppo.learner import PPOConfig
 
 D = torch.float64
 
@@ -19,7 +20,10 @@ def close(a, b, tol=1e-9):
 
 
 def test_registry_names():
-    assert set(ADVANTAGE_ESTIMATORS) == {"vineppo", "ppo", "grpo", "rloo"}
+    assert set(ESTIMATORS) == {"vineppo", "ppo", "grpo", "rloo"}
+    needs = {n: (e.needs_mc_values, e.needs_critic, e.needs_groups) for n, e in ESTIMATORS.items()}
+    assert needs == {"vineppo": (True, False, False), "ppo": (False, True, False),
+                     "grpo": (False, False, True), "rloo": (False, False, True)}
 
 
 # ---- vineppo ---------------------------------------------------------------------------------
@@ -37,7 +41,7 @@ def _vine_batch():
 
 
 def test_vineppo_hand_computed_gamma_1():
-    adv, ret = ADVANTAGE_ESTIMATORS["vineppo"](_vine_batch(), AlgoConfig(whiten=False))
+    adv, ret = ESTIMATORS["vineppo"].advantages(_vine_batch(), AdvantageConfig(whiten=False))
     # ep0: A0 = V1 - V0 = -0.25, A1 = V2 - V1 = 0.5, A2 = 1 + 0 - V2 = 0.25
     # ep1: A0 = V1 - V0 = -0.2, A1 = 0 + 0 - V1 = -0.2
     close(adv, [[-0.25, -0.25, 0.5, 0.5, 0.25, 0.25], [-0.2, -0.2, -0.2, -0.2, 0, 0]])
@@ -46,7 +50,7 @@ def test_vineppo_hand_computed_gamma_1():
 
 
 def test_vineppo_hand_computed_gamma_half():
-    adv, _ = ADVANTAGE_ESTIMATORS["vineppo"](_vine_batch(), AlgoConfig(gamma=0.5, whiten=False))
+    adv, _ = ESTIMATORS["vineppo"].advantages(_vine_batch(), AdvantageConfig(gamma=0.5, whiten=False))
     # ep0: A0 = .5*.25 - .5 = -.375, A1 = .5*.75 - .25 = .125, A2 = 1 - .75 = .25
     # ep1: A0 = .5*.2 - .4 = -.3, A1 = -.2
     close(adv, [[-0.375, -0.375, 0.125, 0.125, 0.25, 0.25], [-0.3, -0.3, -0.3, -0.2, 0, 0]])
@@ -71,7 +75,7 @@ def test_vineppo_telescopes_on_random_inputs():
     values = torch.rand(E, S, generator=g, dtype=D)
     rewards = torch.randint(0, 2, (E,), generator=g).to(D)
     batch = RolloutBatch(mask, rewards, torch.arange(E), step_ids=step_ids, step_values=values)
-    adv, ret = ADVANTAGE_ESTIMATORS["vineppo"](batch, AlgoConfig(whiten=False))
+    adv, ret = ESTIMATORS["vineppo"].advantages(batch, AdvantageConfig(whiten=False))
     for e in range(E):
         step_adv = adv[e, first_tokens[e]]
         assert math.isclose(float(step_adv.sum()), float(rewards[e] - values[e, 0]), abs_tol=1e-12)
@@ -85,13 +89,13 @@ def test_vineppo_telescopes_on_random_inputs():
 def test_vineppo_validation():
     b = _vine_batch()
     with pytest.raises(ValueError, match="step_values"):
-        ADVANTAGE_ESTIMATORS["vineppo"](
+        ESTIMATORS["vineppo"].advantages(
             RolloutBatch(b.response_mask, b.rewards, b.group_ids, step_ids=b.step_ids),
-            AlgoConfig())
+            AdvantageConfig())
     with pytest.raises(ValueError, match="columns"):
-        ADVANTAGE_ESTIMATORS["vineppo"](
+        ESTIMATORS["vineppo"].advantages(
             RolloutBatch(b.response_mask, b.rewards, b.group_ids, step_ids=b.step_ids,
-                         step_values=b.step_values[:, :2]), AlgoConfig())
+                         step_values=b.step_values[:, :2]), AdvantageConfig())
 
 
 # ---- ppo / GAE -------------------------------------------------------------------------------
@@ -106,13 +110,13 @@ def _gae_batch():
 
 
 def test_gae_lambda_gamma_1_is_return_minus_value():
-    adv, ret = ADVANTAGE_ESTIMATORS["ppo"](_gae_batch(), AlgoConfig(estimator="ppo", whiten=False))
+    adv, ret = ESTIMATORS["ppo"].advantages(_gae_batch(), AdvantageConfig(whiten=False))
     close(adv, [[0.5, 0.4, 0.2], [-0.3, -0.1, 0.0]])
     close(ret, [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
 
 
 def test_gae_hand_computed():
-    adv, ret = ADVANTAGE_ESTIMATORS["ppo"](_gae_batch(), AlgoConfig(gamma=0.9, lam=0.5, whiten=False))
+    adv, ret = ESTIMATORS["ppo"].advantages(_gae_batch(), AdvantageConfig(gamma=0.9, lam=0.5, whiten=False))
     # ep0 deltas: t2 = 1 - .8 = .2; t1 = .9*.8 - .6 = .12; t0 = .9*.6 - .5 = .04
     #   A2 = .2, A1 = .12 + .45*.2 = .21, A0 = .04 + .45*.21 = .1345
     # ep1 deltas: t1 = -.1; t0 = .9*.1 - .3 = -.21;  A1 = -.1, A0 = -.21 + .45*-.1 = -.255
@@ -128,14 +132,14 @@ def test_gae_random_telescopes_and_rejects_left_padding():
     values = torch.randn(E, L, generator=g, dtype=D)
     rewards = torch.rand(E, generator=g, dtype=D)
     batch = RolloutBatch(mask, rewards, torch.arange(E), values=values)
-    adv, ret = ADVANTAGE_ESTIMATORS["ppo"](batch, AlgoConfig(whiten=False))
+    adv, ret = ESTIMATORS["ppo"].advantages(batch, AdvantageConfig(whiten=False))
     close(ret, rewards[:, None] * mask, tol=1e-12)
     close(adv, (rewards[:, None] - values) * mask, tol=1e-12)
     with pytest.raises(ValueError, match="right-padded"):
-        ADVANTAGE_ESTIMATORS["ppo"](RolloutBatch(mask.flip(1), rewards, torch.arange(E),
-                                                 values=values), AlgoConfig())
+        ESTIMATORS["ppo"].advantages(RolloutBatch(mask.flip(1), rewards, torch.arange(E),
+                                                 values=values), AdvantageConfig())
     with pytest.raises(ValueError, match="values"):
-        ADVANTAGE_ESTIMATORS["ppo"](RolloutBatch(mask, rewards, torch.arange(E)), AlgoConfig())
+        ESTIMATORS["ppo"].advantages(RolloutBatch(mask, rewards, torch.arange(E)), AdvantageConfig())
 
 
 # ---- grpo / rloo -----------------------------------------------------------------------------
@@ -149,7 +153,7 @@ def _group_batch():
 
 
 def test_grpo_hand_computed():
-    adv, ret = ADVANTAGE_ESTIMATORS["grpo"](_group_batch(), AlgoConfig(estimator="grpo"))
+    adv, ret = ESTIMATORS["grpo"].advantages(_group_batch(), AdvantageConfig())
     # group 0: mean .5, unbiased std sqrt(1/3): +-.5 / .57735 = +-.866025
     # group 7: mean 2/3, unbiased std sqrt(1/3): 1/3/.57735 = .57735, -2/3/.57735 = -1.154701
     # group 3: all equal -> 0
@@ -162,12 +166,12 @@ def test_grpo_hand_computed():
 
 
 def test_grpo_without_std():
-    adv, _ = ADVANTAGE_ESTIMATORS["grpo"](_group_batch(), AlgoConfig(grpo_std_normalize=False))
+    adv, _ = ESTIMATORS["grpo"].advantages(_group_batch(), AdvantageConfig(grpo_std_normalize=False))
     close(adv[:, 0], [0.5, 1 / 3, -0.5, 1 / 3, -0.5, -2 / 3, 0.5, 0, 0])
 
 
 def test_rloo_hand_computed():
-    adv, _ = ADVANTAGE_ESTIMATORS["rloo"](_group_batch(), AlgoConfig(estimator="rloo"))
+    adv, _ = ESTIMATORS["rloo"].advantages(_group_batch(), AdvantageConfig())
     # group 0: r=1 -> 1 - 1/3 = 2/3 ; r=0 -> 0 - 2/3 ; group 7: r=1 -> 1 - .5 ; r=0 -> 0 - 1
     close(adv[:, 0], [2 / 3, 0.5, -2 / 3, 0.5, -2 / 3, -1.0, 2 / 3, 0, 0])
     assert torch.all(adv[:, 2] == 0)
@@ -177,7 +181,7 @@ def test_group_baselines_need_two_members():
     b = RolloutBatch(t([[1.0]] * 3), t([1, 0, 1]), torch.tensor([0, 0, 1]))
     for name in ("grpo", "rloo"):
         with pytest.raises(ValueError, match="at least 2"):
-            ADVANTAGE_ESTIMATORS[name](b, AlgoConfig())
+            ESTIMATORS[name].advantages(b, AdvantageConfig())
 
 
 # ---- whitening, config, batch validation -----------------------------------------------------
@@ -197,7 +201,7 @@ def test_whiten_hand_computed_and_masked():
 
 def test_compute_advantages_whitens():
     b = _vine_batch()
-    adv, _ = compute_advantages(b, AlgoConfig(whiten=True))
+    adv, _ = compute_advantages(b, "vineppo", AdvantageConfig(whiten=True))
     m = b.response_mask
     assert abs(float(masked_mean(adv, m))) < 1e-9
     assert abs(float(masked_mean(adv ** 2, m)) - 1) < 1e-6
@@ -206,11 +210,11 @@ def test_compute_advantages_whitens():
 
 def test_config_and_batch_validation():
     with pytest.raises(ValueError, match="unknown advantage estimator"):
-        AlgoConfig(estimator="a2c")
+        estimator("a2c")
     with pytest.raises(ValueError, match="gamma"):
-        AlgoConfig(gamma=1.5)
+        AdvantageConfig(gamma=1.5)
     with pytest.raises(ValueError, match="clip_range"):
-        AlgoConfig(clip_range=0)
+        PPOConfig(clip_range=0)
     with pytest.raises(ValueError, match="rewards"):
         RolloutBatch(t([[1, 1]]), t([1, 0]), torch.tensor([0]))
     with pytest.raises(ValueError, match="values"):

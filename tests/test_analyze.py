@@ -224,7 +224,7 @@ def test_top1_accuracy_with_ties():
 def test_critic_reads_the_last_token_of_each_state(tiny):
     from vineppo.models import ValueModel
     from vineppo.rollout import Episode, to_rollout_batch
-    from vineppo.trainer import response_values
+    from vineppo.scoring import response_values
 
     model, tok = tiny
     vm = ValueModel.from_policy(model, head_seed=3).eval()
@@ -244,8 +244,8 @@ def test_critic_reads_the_last_token_of_each_state(tiny):
         episodes = [Episode(example_id="x", group_id=i, prompt_ids=p, response_ids=r, engine_logprobs=[0.0] * len(r),
                             finish_reason="stop", text="", reward=0.0, step_offsets=[0])
                     for i, (p, r, _) in enumerate(items)]
-        input_ids, mask, start, _ = to_rollout_batch(episodes, tok.pad_token_id)
-        trainer_values = response_values(vm, input_ids, mask, start)
+        packed, _ = to_rollout_batch(episodes, tok.pad_token_id)
+        trainer_values = response_values(vm, packed.input_ids, packed.attention_mask, packed.response_start)
     for i, ((_, r, _), values) in enumerate(zip(items, got)):
         assert values[:len(r)] == pytest.approx(trainer_values[i, :len(r)].tolist(), abs=1e-5)
 
@@ -273,12 +273,13 @@ def test_next_step_cuts_at_the_first_boundary(tiny):
 
 
 def _save_run_checkpoint(tmp_path, model, tok, vm, flat: bool) -> str:
-    from vineppo.checkpoint import save_checkpoint
+    from vineppo.checkpoint import TrainState, save_checkpoint
 
+    state = TrainState(iteration=2)
     if flat:  # as the trainer saves it: one flat safetensors file of the critic's state dict
-        return save_checkpoint(str(tmp_path / "run"), 2, model, value_model=torch.nn.Module(),
+        return save_checkpoint(str(tmp_path / "run"), state, model, value_model=torch.nn.Module(),
                                value_model_state_dict=vm.state_dict(), tokenizer=tok)
-    return save_checkpoint(str(tmp_path / "run"), 2, model, value_model=vm, tokenizer=tok)
+    return save_checkpoint(str(tmp_path / "run"), state, model, value_model=vm, tokenizer=tok)
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -323,7 +324,8 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch, capsys):
                 "choice", "seconds", "tokens", "trajectories", "states", "choices"):
         assert key in saved, key
     assert saved["estimators"] == ["mc_1", "mc_3", "critic"] == summary["estimators"]
-    assert saved["num_problems"] == 3 and saved["settings"]["task_kwargs"] == {"num_train": 10, "num_test": 5}
+    assert saved["num_problems"] == 3 and (saved["settings"]["task_config"]["num_train"],
+                                            saved["settings"]["task_config"]["num_test"]) == (10, 5)
     assert saved["num_states"] == len(saved["states"]) == sum(len(t["step_offsets"]) for t in saved["trajectories"])
     assert set(saved["states"][0]) >= {"step", "ground_truth", "estimates"}
     assert set(saved["states"][0]["estimates"]) == {"mc_1", "mc_3", "critic"}

@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from vineppo.checkpoint import (CHECKPOINT_DIR, capture_rng_state, latest_checkpoint,
-                                load_checkpoint, read_trainer_state, restore_rng_state,
+from vineppo.checkpoint import (CHECKPOINT_DIR, TrainState, capture_rng_state, latest_checkpoint,
+                                load_checkpoint, read_checkpoint_config, read_trainer_state, restore_rng_state,
                                 save_checkpoint)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+TINY = dict(vocab=37, hidden=16, intermediate=32, heads=2, kv_heads=1, max_positions=64, tied=True)
+
+
+def at(iteration: int, **fields) -> TrainState:
+    return TrainState(iteration=iteration, **fields)
 
 
 class Critic(torch.nn.Module):  # a module without save_pretrained
@@ -66,17 +64,18 @@ class Cfg:
     seed: int = 3
 
 
-def test_round_trip_continues_bit_for_bit(tmp_path):
+def test_round_trip_continues_bit_for_bit(tmp_path, tiny_lm):
     run = str(tmp_path / "run")
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
-    model = tiny_llama(1)
+    model = tiny_lm(seed=1, **TINY).train()
     critic = Critic()
     opt, sched = make_opt(model)
     copt = torch.optim.SGD(critic.parameters(), lr=0.1, momentum=0.9)
     train_steps(model, opt, sched, critic, copt, 2)
-    path = save_checkpoint(run, 2, model, opt, sched, value_model=critic, value_optimizer=copt,
-                           data_position={"epoch": 0, "index": 17}, wall_clock_s=12.5,
-                           config=Cfg(), extra={"episodes": 64})
+    saved = at(2, optimizer_steps=4, nan_skips=1, episodes=64, train_seconds=12.5, last_eval_iteration=2,
+               last_saved_iteration=2)
+    path = save_checkpoint(run, saved, model, opt, sched, value_model=critic, value_optimizer=copt,
+                           config=Cfg())
     assert path == latest_checkpoint(run)
     assert os.path.isfile(os.path.join(path, "model", "model.safetensors"))
     draws_a = train_steps(model, opt, sched, critic, copt, 3)
@@ -86,14 +85,13 @@ def test_round_trip_continues_bit_for_bit(tmp_path):
 
     # a fresh process state: different weights, fresh optimizers, scrambled RNGs
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
-    model2 = tiny_llama(5)
+    model2 = tiny_lm(seed=5, **TINY).train()
     critic2 = Critic()
     opt2, sched2 = make_opt(model2)
     copt2 = torch.optim.SGD(critic2.parameters(), lr=0.1, momentum=0.9)
     state = load_checkpoint(path, model2, opt2, sched2, value_model=critic2, value_optimizer=copt2)
-    assert state.iteration == 2 and state.wall_clock_s == 12.5
-    assert state.data_position == {"epoch": 0, "index": 17}
-    assert state.config == {"lr": 1e-2, "seed": 3} and state.extra == {"episodes": 64}
+    assert state == saved and state.iteration == 2 and state.train_seconds == 12.5
+    assert read_checkpoint_config(path) == {"lr": 1e-2, "seed": 3}
     assert model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()
     draws_b = train_steps(model2, opt2, sched2, critic2, copt2, 3)
     assert draws_b == draws_a
@@ -116,20 +114,20 @@ def test_keep_last_and_resave(tmp_path):
     run = str(tmp_path)
     critic = Critic()
     for it in (1, 2, 3, 4):
-        save_checkpoint(run, it, critic, keep_last=2, extra={"tag": it})
+        save_checkpoint(run, at(it, episodes=it), critic, keep_last=2)
     names = sorted(os.listdir(os.path.join(run, CHECKPOINT_DIR)))
     assert names == ["iter_000003", "iter_000004"]
-    p = save_checkpoint(run, 4, critic, keep_last=2, extra={"tag": "again"})
-    assert read_trainer_state(p).extra == {"tag": "again"}
+    p = save_checkpoint(run, at(4, episodes=99), critic, keep_last=2)
+    assert read_trainer_state(p).episodes == 99
     assert sorted(os.listdir(os.path.join(run, CHECKPOINT_DIR))) == names
 
 
 def test_bad_inputs(tmp_path):
     critic = Critic()
     with pytest.raises(ValueError, match="JSON"):
-        save_checkpoint(str(tmp_path), 1, critic, extra={"x": object()})
+        save_checkpoint(str(tmp_path), at(1), critic, config={"x": object()})
     assert latest_checkpoint(str(tmp_path)) is None
-    p = save_checkpoint(str(tmp_path), 1, critic)
+    p = save_checkpoint(str(tmp_path), at(1), critic)
     with pytest.raises(ValueError, match="no optimizer"):
         load_checkpoint(p, critic, optimizer=torch.optim.SGD(critic.parameters(), lr=0.1))
     other = torch.nn.Linear(4, 8)
@@ -151,7 +149,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     ck.torch.save = dying_save
     torch.manual_seed(1)
     m = torch.nn.Linear(3, 2)
-    ck.save_checkpoint({run!r}, 2, m, torch.optim.SGD(m.parameters(), lr=0.1), keep_last=1)
+    ck.save_checkpoint({run!r}, ck.TrainState(iteration=2), m, torch.optim.SGD(m.parameters(), lr=0.1), keep_last=1)
 """)
 
 
@@ -160,7 +158,7 @@ def test_crash_mid_write_keeps_previous(tmp_path):
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    first = save_checkpoint(run, 1, m, opt, keep_last=1, extra={"ok": True})
+    first = save_checkpoint(run, at(1, episodes=8), m, opt, keep_last=1)
     proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT.format(repo=REPO, run=run)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr
@@ -170,10 +168,10 @@ def test_crash_mid_write_keeps_previous(tmp_path):
     assert latest_checkpoint(run) == first          # ... which is ignored
     m2 = torch.nn.Linear(3, 2)
     state = load_checkpoint(first, m2, torch.optim.SGD(m2.parameters(), lr=0.1))
-    assert state.iteration == 1 and state.extra == {"ok": True}
+    assert state.iteration == 1 and state.episodes == 8
     assert torch.equal(m2.weight, m.weight)
     # the next save removes the leftover
-    save_checkpoint(run, 2, m, opt, keep_last=1)
+    save_checkpoint(run, at(2), m, opt, keep_last=1)
     assert sorted(os.listdir(ckpt_root)) == ["iter_000002"]
 
 
@@ -181,14 +179,14 @@ def test_exception_mid_write_cleans_up(tmp_path, monkeypatch):
     import vineppo.checkpoint as ck
     run = str(tmp_path)
     m = torch.nn.Linear(3, 2)
-    first = save_checkpoint(run, 1, m)
+    first = save_checkpoint(run, at(1), m)
 
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(ck, "_fsync_tree", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(run, 2, m)
+        save_checkpoint(run, at(2), m)
     assert os.listdir(os.path.join(run, CHECKPOINT_DIR)) == ["iter_000001"]
     assert latest_checkpoint(run) == first
     with open(os.path.join(first, "trainer_state.json")) as f:
-        assert json.load(f)["iteration"] == 1
+        assert json.load(f)["state"]["iteration"] == 1

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from vineppo.config import (ALGOS, TrainConfig, _leaf_fields, configs_dir, format_help, list_presets,
-                            load_config)
+from vineppo.algos import ALGOS
+from vineppo.config import TrainConfig, _leaf_fields, configs_dir, format_help, list_presets, load_config
 
 REQUIRED_PRESETS = ("tiny", "gsm8k-rho1b", "math-rho1b", "gsm8k-deepseek7b", "gsm8k-smollm2")
 
@@ -40,11 +40,11 @@ def test_paper_presets_use_paper_settings():
 
 def test_typed_overrides():
     cfg = load_config(["--ppo.lr", "3e-4", "--rollout.num_samples=6", "--run.tensorboard", "false",
-                       "--ppo.whiten_advantages", "--algo", "grpo", "--run.max_minutes", "2.5",
+                       "--advantage.whiten", "--algo", "grpo", "--run.max_minutes", "2.5",
                        "--task.path", "/data/x", "--ppo.minibatch_size", "48"])
     assert cfg.ppo.lr == 3e-4 and isinstance(cfg.ppo.lr, float)
     assert cfg.rollout.num_samples == 6 and isinstance(cfg.rollout.num_samples, int)
-    assert cfg.run.tensorboard is False and cfg.ppo.whiten_advantages is True
+    assert cfg.run.tensorboard is False and cfg.advantage.whiten is True
     assert cfg.algo == "grpo" and cfg.run.max_minutes == 2.5 and cfg.task.path == "/data/x"
 
 
@@ -59,6 +59,9 @@ def test_negative_numbers_and_aliases():
     (["--rollout.num_samples", "2.5"], "rollout.num_samples"),
     (["--run.tensorboard", "maybe"], "run.tensorboard"),
     (["--algo", "dqn"], "algo must be one of"),
+    (["--ppo.lr", "-0.001"], "--ppo.lr must be > 0"),
+    (["--rollout.top_p", "1.5"], r"--rollout.top_p must be in \(0, 1\]"),
+    (["--task.on_error", "bogus"], "--task.on_error must be one of raise, skip"),
     (["--preset", "nope"], "unknown preset"),
     (["--rollout.num_prompts", "3", "--ppo.minibatch_size", "64"], "must divide"),
     (["stray"], "unexpected argument"),
@@ -117,7 +120,7 @@ def test_every_algo_accepted_and_presets_dir_beside_package():
 
 
 def test_task_on_error_reaches_the_loader(tmp_path):
-    from vineppo.train import load_task_for
+    from vineppo.task_config import load_task_from_config as load_task_for
 
     data = tmp_path / "gsm8k"
     data.mkdir()
@@ -126,6 +129,6 @@ def test_task_on_error_reaches_the_loader(tmp_path):
     (data / "test.jsonl").write_text(good)
     argv = ["--preset", "gsm8k-rho1b", "--task.path", str(data)]
     with pytest.raises(ValueError, match="train.jsonl:2"):
-        load_task_for(load_config(argv))
-    task = load_task_for(load_config(argv + ["--task.on_error", "skip"]))
+        load_task_for(load_config(argv).task)
+    task = load_task_for(load_config(argv + ["--task.on_error", "skip"]).task)
     assert len(task.train) == 2 and task.num_skipped == 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vineppo.config import TrainConfig
 from vineppo.distributed import DistContext
+from vineppo.learner import Learner, PPOConfig, optimizer_step, total_optimizer_steps
 
 
 def _free_port() -> int:
@@ -18,28 +18,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Tok:
-    pad_token_id = 0
-
-
-class _Task:
-    name = "stub"
-    train: list = []
-    test: list = []
-
-
-def _config() -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.algo = "ppo"
-    cfg.rollout.num_prompts, cfg.rollout.num_samples = 4, 2
-    cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = 8, 2
-    cfg.ppo.lr, cfg.ppo.value_lr, cfg.ppo.warmup_ratio = 1e-2, 1e-2, 0.0
-    cfg.ppo.kl_coef, cfg.ppo.entropy_coef, cfg.ppo.grad_clip = 0.1, 0.01, 0.5
+def _config() -> PPOConfig:
     # a large Adam epsilon keeps the first update a smooth function of the gradient (with the
     # default, near-zero gradient entries turn into +-lr steps whose sign is rounding noise)
-    cfg.ppo.adam_eps = 1e-3
-    cfg.rollout.temperature = 0.7
-    return cfg.validate()
+    return PPOConfig(minibatch_size=8, micro_batch_size=2, lr=1e-2, value_lr=1e-2, warmup_ratio=0.0, kl_coef=0.1,
+                     entropy_coef=0.01, grad_clip=0.5, adam_eps=1e-3)
+
+
+TEMPERATURE = 0.7
+EPISODES_PER_ITERATION = 8
 
 
 def _models():
@@ -55,7 +42,7 @@ def _models():
 
 def _data():
     """8 episodes: left-padded prompts, right-padded responses, random old logprobs/advantages."""
-    from vineppo.trainer import Minibatch
+    from vineppo.learner import Minibatch
 
     gen = torch.Generator().manual_seed(0)
     E, P, L = 8, 5, 7
@@ -78,11 +65,11 @@ def _data():
 
 def _step(ctx: DistContext, policy, ref, value, mb):
     from vineppo.distributed import full_state_dict, full_tensor
-    from vineppo.trainer import Trainer
 
-    trainer = Trainer(_config(), ctx, policy=policy, engine=None, engine_model=policy, tokenizer=_Tok(),
-                      task=_Task(), ref_model=ref, value_model=value, run_dir="", logger=None)
-    stats = trainer.optimizer_step(mb)
+    cfg = _config()
+    steps = total_optimizer_steps(cfg, EPISODES_PER_ITERATION)
+    stats = optimizer_step(Learner.create(policy, cfg.lr, cfg, steps), Learner.create(value, cfg.value_lr, cfg, steps),
+                           mb, cfg, TEMPERATURE, ctx)
     grads = {n: full_tensor(p.grad).clone() for n, p in policy.named_parameters()}
     vgrads = {n: full_tensor(p.grad).clone() for n, p in value.named_parameters()}
     return stats, grads, vgrads, full_state_dict(policy), full_state_dict(value)

@@ -3,50 +3,38 @@
 import pytest
 import torch
 
+from vineppo.algos import ESTIMATORS, AdvantageConfig
 from vineppo.engine import Engine, EngineConfig, SamplingParams, branch_seed, derive_seed, sample_seed
-from vineppo.rollout import (Episode, RolloutConfig, collect_rollouts, decode_response, encode_prompt,
-                             position_ids_from_mask, score, step_ids_of, to_rollout_batch)
-from vineppo.sft import SFTSettings, ensure_sft_checkpoint
+from vineppo.rollout import (Episode, RolloutConfig, collect_rollouts, decode_response, encode_prompt, score,
+                             step_ids_of, to_rollout_batch)
+from vineppo.scoring import position_ids_from_mask
 from vineppo.tasks import step_token_offsets
 
-KNOBS = {"num_steps": 2, "max_operand": 6, "max_multiplier": 1, "max_value": 15, "num_train": 600,
-         "num_test": 20}
-SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+@pytest.fixture(scope="module")
+def policy(short_sft):
+    return short_sft.model, short_sft.tokenizer
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    """A tiny model after a short SFT: it writes the solution format, right or wrong."""
-    from vineppo.models import load_policy
-
-    settings = SFTSettings(task="synthetic", task_knobs=KNOBS, model_overrides=SMALL_MODEL, epochs=3.0,
-                           batch_size=16, lr=1e-2, seed=0, progress=False,
-                           cache_dir=str(tmp_path_factory.getbasetemp() / "sft-cache"))
-    model, tokenizer = load_policy(ensure_sft_checkpoint(settings))
-    return model, tokenizer, settings
-
-
-@pytest.fixture(scope="module")
-def task(policy):
-    from vineppo.sft import load_sft_task
-
-    return load_sft_task(policy[2])
+def task(short_sft):
+    return short_sft.task
 
 
 def _engine(model, tokenizer):
     return Engine(model, tokenizer, EngineConfig(num_pages=512, page_size=8))
 
 
-CFG = dict(num_samples=3, mc_rollouts=4, max_steps=3, temperature=0.7, top_p=0.95, max_tokens=40, seed=11)
+CFG = dict(num_samples=3, mc_rollouts=4, max_steps=3, temperature=0.7, top_p=0.95, max_tokens=40)
+SEED = 11
 
 
 def test_collect_rollouts_with_values(policy, task):
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     engine = _engine(model, tokenizer)
     examples = task.test[:8]
     cfg = RolloutConfig(**CFG)
-    result = collect_rollouts(engine, task, examples, tokenizer, cfg, estimate_values=True)
+    result = collect_rollouts(engine, task, examples, tokenizer, cfg, seed=SEED, estimate_values=True)
 
     assert engine.num_free_pages == engine.num_pages  # every kept sequence released
     assert len(result.episodes) == len(examples) * cfg.num_samples
@@ -83,14 +71,14 @@ def test_collect_rollouts_with_values(policy, task):
 
 def test_values_equal_fresh_generation_from_each_prefix(policy, task):
     """V(s_t) recomputed by re-prefilling prompt + response[:t] and sampling with the branch seed."""
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     engine = _engine(model, tokenizer)
     examples = task.test[4:6]
     cfg = RolloutConfig(**CFG)
-    result = collect_rollouts(engine, task, examples, tokenizer, cfg, estimate_values=True)
+    result = collect_rollouts(engine, task, examples, tokenizer, cfg, seed=SEED, estimate_values=True)
     checked = 0
     for i, e in enumerate(result.episodes):
-        prompt_seed = derive_seed(cfg.seed, e.group_id)      # every prompt samples its own stream
+        prompt_seed = derive_seed(SEED, e.group_id)      # every prompt samples its own stream
         trajectory_seed = sample_seed(prompt_seed, i % cfg.num_samples)
         # the recorded trajectory itself is what the seed gives
         again = engine.generate([e.prompt_ids], SamplingParams(
@@ -101,7 +89,7 @@ def test_values_equal_fresh_generation_from_each_prefix(policy, task):
         for t, value in zip(e.step_offsets, e.step_values):
             params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_tokens=cfg.max_tokens - t, n=cfg.mc_rollouts,
-                                    seed=branch_seed(cfg.seed, trajectory_seed, t))
+                                    seed=branch_seed(SEED, trajectory_seed, t))
             conts = engine.generate([e.prompt_ids + e.response_ids[:t]], params)[0]
             rewards = [score(task, decode_response(tokenizer, e.response_ids[:t] + c.token_ids), ex,
                              c.finish_reason) for c in conts]
@@ -113,27 +101,27 @@ def test_values_equal_fresh_generation_from_each_prefix(policy, task):
 
 def test_every_prompt_samples_its_own_stream(policy, task):
     """With one request seed for all prompts, sample j of a repeated prompt would repeat exactly."""
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     cfg = RolloutConfig(**dict(CFG, num_samples=4, temperature=1.0, top_p=1.0))
     result = collect_rollouts(_engine(model, tokenizer), task, [task.test[0]] * 3, tokenizer, cfg,
-                              estimate_values=False)
+                              seed=SEED, estimate_values=False)
     groups = [[tuple(e.response_ids) for e in result.episodes if e.group_id == g] for g in range(3)]
     assert groups[0] != groups[1] and groups[1] != groups[2]
 
 
 def test_collect_without_values_keeps_nothing(policy, task):
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     engine = _engine(model, tokenizer)
     cfg = RolloutConfig(**dict(CFG, num_samples=2))
-    result = collect_rollouts(engine, task, task.test[:3], tokenizer, cfg, estimate_values=False)
+    result = collect_rollouts(engine, task, task.test[:3], tokenizer, cfg, seed=SEED, estimate_values=False)
     assert all(e.step_values is None for e in result.episodes)
     assert result.num_mc_tokens == 0 and engine.num_free_pages == engine.num_pages
-    _, _, _, batch = to_rollout_batch(result.episodes, tokenizer.pad_token_id)
+    _, batch = to_rollout_batch(result.episodes, tokenizer.pad_token_id)
     assert batch.step_values is None
 
 
 def test_pages_released_when_grading_fails(policy, task):
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     engine = _engine(model, tokenizer)
 
     class Broken:
@@ -144,7 +132,7 @@ def test_pages_released_when_grading_fails(policy, task):
             raise RuntimeError("splitter failed")
 
     with pytest.raises(RuntimeError, match="splitter failed"):
-        collect_rollouts(engine, Broken(), task.test[:2], tokenizer, RolloutConfig(**CFG), estimate_values=True)
+        collect_rollouts(engine, Broken(), task.test[:2], tokenizer, RolloutConfig(**CFG), seed=SEED, estimate_values=True)
     assert engine.num_free_pages == engine.num_pages
 
 
@@ -160,7 +148,8 @@ def test_to_rollout_batch_layout():
         _episode([8], [20, 21], [0], [0.75], reward=0.0, group=0),
         _episode([9, 9], [30, 31, 32], [0, 1], [0.0, 0.5], reward=0.0, group=1),
     ]
-    input_ids, attention_mask, start, batch = to_rollout_batch(episodes, pad_token_id=0)
+    packed, batch = to_rollout_batch(episodes, pad_token_id=0)
+    input_ids, attention_mask, start = packed.input_ids, packed.attention_mask, packed.response_start
     assert start == 3 and input_ids.shape == (3, 8) and attention_mask.shape == (3, 8)
     assert input_ids[1].tolist() == [0, 0, 8, 20, 21, 0, 0, 0]
     assert attention_mask[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
@@ -181,22 +170,21 @@ def test_to_rollout_batch_layout():
 
 
 def test_to_rollout_batch_feeds_vineppo_advantages():
-    from vineppo.algos import ADVANTAGE_ESTIMATORS, AlgoConfig
-
     episodes = [_episode([1], [3, 4, 5, 6], [0, 2], [0.25, 0.5], reward=1.0)]
-    _, _, _, batch = to_rollout_batch(episodes, pad_token_id=0)
-    adv, _ = ADVANTAGE_ESTIMATORS["vineppo"](batch, AlgoConfig(estimator="vineppo", whiten=False))
+    _, batch = to_rollout_batch(episodes, pad_token_id=0)
+    adv, _ = ESTIMATORS["vineppo"].advantages(batch, AdvantageConfig(whiten=False))
     # A_0 = V(s_1) - V(s_0) = 0.25 on step 0; A_1 = r - V(s_1) = 0.5 on step 1
     assert adv[0].tolist() == pytest.approx([0.25, 0.25, 0.5, 0.5])
 
 
 def test_position_ids_give_engine_logprobs(policy, task):
     """The trainer's view of a left-padded batch reproduces the engine's logprobs (ratio ~ 1)."""
-    model, tokenizer, _ = policy
+    model, tokenizer = policy
     engine = _engine(model, tokenizer)
     cfg = RolloutConfig(**dict(CFG, num_samples=2, temperature=1.0, top_p=1.0))
-    result = collect_rollouts(engine, task, task.test[:3], tokenizer, cfg, estimate_values=False)
-    input_ids, attention_mask, start, batch = to_rollout_batch(result.episodes, tokenizer.pad_token_id)
+    result = collect_rollouts(engine, task, task.test[:3], tokenizer, cfg, seed=SEED, estimate_values=False)
+    packed, batch = to_rollout_batch(result.episodes, tokenizer.pad_token_id)
+    input_ids, attention_mask, start = packed.input_ids, packed.attention_mask, packed.response_start
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask)).logits.double()

@@ -11,41 +11,24 @@ from vineppo.engine import Engine, EngineConfig, SamplingParams, derive_seed
 from vineppo.evaluate import accuracy_by_meta, evaluate
 from vineppo.evaluate import main as evaluate_main
 from vineppo.rollout import decode_response, encode_prompt, score
-from vineppo.sft import (LOG_FILE, SFTSettings, _collate, encode_examples, ensure_sft_checkpoint,
-                         load_sft_task, run_sft)
-
-KNOBS = {"num_steps": 2, "max_operand": 6, "max_multiplier": 1, "max_value": 15, "num_train": 600,
-         "num_test": 20}
-SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
-
-
-def _settings(cache_dir, **kw):
-    fields = dict(task="synthetic", task_knobs=KNOBS, model_overrides=SMALL_MODEL, epochs=3.0,
-                  batch_size=16, lr=1e-2, seed=0, progress=False, cache_dir=str(cache_dir))
-    fields.update(kw)
-    return SFTSettings(**fields)
+from vineppo.sft import LOG_FILE, SFTConfig, _collate, encode_examples, ensure_sft_checkpoint, run_sft
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """The same short SFT as tests/test_rollout.py (shared through the session's cache dir)."""
-    from vineppo.models import load_policy
-
-    settings = _settings(tmp_path_factory.getbasetemp() / "sft-cache")
-    path = ensure_sft_checkpoint(settings)
-    model, tokenizer = load_policy(path)
-    return path, model, tokenizer, settings, load_sft_task(settings)
+def sft(short_sft):
+    """The short SFT of tests/conftest.py (shared through the session's cache dir)."""
+    return short_sft.path, short_sft.model, short_sft.tokenizer, short_sft, short_sft.task
 
 
-def test_sft_reduces_loss_and_is_reused(sft, monkeypatch):
-    path, _, _, settings, _ = sft
+def test_sft_reduces_loss_and_is_reused(sft, make_sft_job, monkeypatch):
+    path, _, _, short, _ = sft
+    job, cache = short.job, short.cache_dir
     with open(os.path.join(path, LOG_FILE)) as f:
         log = json.load(f)
     losses = log["losses"]
     assert log["steps"] == log["total_steps"] == 114  # 3 epochs * ceil(600 / 16)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    assert path == settings.checkpoint_dir() and os.path.basename(path).startswith("synthetic-")
+    assert path == job.checkpoint_dir(cache) and os.path.basename(path).startswith("synthetic-")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "sft_settings.json"):
         assert os.path.isfile(os.path.join(path, name)), name
 
@@ -53,11 +36,11 @@ def test_sft_reduces_loss_and_is_reused(sft, monkeypatch):
         raise AssertionError("the checkpoint should have been reused")
 
     monkeypatch.setattr("vineppo.sft.run_sft", fail)
-    assert ensure_sft_checkpoint(settings) == path
+    assert ensure_sft_checkpoint(job, cache) == path
     # settings that change the result get their own checkpoint; where files go does not
-    assert _settings(settings.cache_dir, lr=5e-3).key() != settings.key()
-    assert _settings(settings.cache_dir, task_knobs=dict(KNOBS, num_steps=3)).key() != settings.key()
-    assert _settings("/elsewhere", progress=True).key() == settings.key()
+    assert make_sft_job(lr=5e-3).key() != job.key()
+    assert dataclasses.replace(job, task=dataclasses.replace(job.task, num_steps=3)).key() != job.key()
+    assert make_sft_job(output_dir="/elsewhere").key() == job.key()
 
 
 def test_sft_labels_cover_only_the_target(sft):
@@ -73,21 +56,21 @@ def test_sft_labels_cover_only_the_target(sft):
     assert mask[1].sum() == p + 2
 
 
-def test_run_sft_from_a_saved_model_folder(sft, tmp_path):
+def test_run_sft_from_a_saved_model_folder(sft, make_sft_job, tmp_path):
     """Any load_policy path works as the starting model (here the tiny SFT checkpoint itself)."""
     path = sft[0]
-    settings = _settings(tmp_path, model=path, epochs=1.0, num_examples=32, batch_size=8, lr=1e-4)
-    out = run_sft(settings, output_dir=str(tmp_path / "out"))
+    job = dataclasses.replace(make_sft_job(epochs=1.0, num_examples=32, batch_size=8, lr=1e-4), model=path)
+    out = run_sft(job, str(tmp_path / "out"), progress=False)
     with open(os.path.join(out, LOG_FILE)) as f:
         log = json.load(f)
     assert log["steps"] == 4 and all(x == x for x in log["losses"])
 
 
 def test_sft_settings_validation():
-    with pytest.raises(ValueError):
-        SFTSettings(epochs=0)
-    with pytest.raises(ValueError):
-        SFTSettings(batch_size=0)
+    with pytest.raises(ValueError, match="epochs"):
+        SFTConfig(epochs=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        SFTConfig(batch_size=0)
 
 
 def _hf_greedy(model, tokenizer, prompt_ids, max_tokens):
@@ -171,7 +154,7 @@ def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
     assert "accuracy" in printed
     saved = json.loads(out.read_text())
     assert saved["accuracy"] == result["accuracy"] and saved["num_problems"] == 6
-    assert saved["task"] == "synthetic" and saved["task_kwargs"]["num_steps"] == KNOBS["num_steps"]
+    assert saved["task"] == "synthetic" and saved["task_config"]["num_steps"] == sft[3].job.task.num_steps
     engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
     direct = evaluate(engine, task, task.test[:6], tokenizer, n=1, temperature=0.0, top_p=1.0, max_tokens=48)
     assert direct["per_problem"] == result["per_problem"]
@@ -179,17 +162,17 @@ def test_evaluate_cli_uses_the_checkpoints_task(sft, tmp_path, capsys):
     assert all(f"by {key}:" in printed for key in saved["accuracy_by"])
 
 
-def test_settings_follow_the_train_config():
+def test_job_follows_the_train_config():
     from vineppo.config import TrainConfig
-    from vineppo.sft import settings_from_train_config
+    from vineppo.sft import cache_dir_of, job_from_train_config
 
     cfg = TrainConfig()
     cfg.task.max_train = 100
-    s = settings_from_train_config(cfg)
-    assert (s.task, s.model, s.lr, s.batch_size, s.seed) == (cfg.task.name, cfg.model.name, cfg.sft.lr,
-                                                             cfg.sft.batch_size, cfg.seed)
-    assert s.task_knobs["num_steps"] == cfg.task.num_steps and s.num_examples == 100
-    assert s.cache_dir == os.path.join(cfg.run.output_dir, "sft")
+    job = job_from_train_config(cfg)
+    assert (job.task, job.model, job.sft.lr, job.sft.batch_size, job.sft.seed) == (
+        cfg.task, cfg.model.name, cfg.sft.lr, cfg.sft.batch_size, cfg.sft.seed)
+    assert job.sft.num_examples == 100 and cfg.sft.num_examples == 0
+    assert cache_dir_of(cfg) == os.path.join(cfg.run.output_dir, "sft")
 
 
 def test_sft_cli_trains_then_reuses(tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,17 +19,11 @@ TIMING = ("time/", "wall_clock_s", "eval/seconds")
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, synthetic_lm):
     """A 2-layer random Llama with the synthetic task's tokenizer, saved like an SFT checkpoint."""
-    from vineppo.models import build_model_from_config, tiny_model_config
-    from vineppo.tasks import build_synthetic_tokenizer
-
-    tok = build_synthetic_tokenizer()
-    conf = tiny_model_config(len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model, tok = synthetic_lm()
     path = str(tmp_path_factory.mktemp("tiny_model"))
-    build_model_from_config(conf, seed=0, dtype=torch.float32).save_pretrained(path)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -53,19 +48,25 @@ def small_args(model_dir, run_dir, algo="vineppo", *extra):
             "false", "--run.save_every", "1", "--run.device", "cpu", *extra]
 
 
-def train(argv):
-    from vineppo.train import build_trainer, resume_config
+@dataclass
+class Trained:
+    run: object
+    state: object
+
+
+def train(argv) -> Trained:
+    from vineppo.train import build_run, resume_config
+    from vineppo.trainer import train as train_run
 
     cfg = load_config(argv)
     if cfg.run.resume:
-        cfg = resume_config(cfg, argv)
-    trainer = build_trainer(cfg, DistContext())
+        cfg = resume_config(cfg)
+    run, state = build_run(cfg, DistContext())
     try:
-        trainer.run()
+        train_run(run, state)
     finally:
-        trainer.logger.close()
-        trainer.samples.close()
-    return trainer
+        run.log.close()
+    return Trained(run, state)
 
 
 def training_lines(run_dir):
@@ -75,7 +76,7 @@ def training_lines(run_dir):
 @pytest.mark.parametrize("algo", ["vineppo", "ppo", "grpo", "rloo"])
 def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward):
     initial = {k: v.clone() for k, v in train_initial(tiny_model_dir).items()}
-    trainer = train(small_args(tiny_model_dir, tmp_path / "run", algo))
+    run = train(small_args(tiny_model_dir, tmp_path / "run", algo)).run
     lines = training_lines(tmp_path / "run")
     assert [m["iteration"] for m in lines] == [1, 2]
     evals = [m for m in read_metrics(str(tmp_path / "run")) if "eval/accuracy" in m]
@@ -95,9 +96,9 @@ def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward)
         assert lines[0]["time/mc_rollouts"] > 0
     if algo == "ppo":
         assert lines[0]["loss/value"] is not None and "value/mean" in lines[0]
-    moved = max(float((p.detach() - initial[n]).abs().max()) for n, p in trainer.policy.named_parameters())
+    moved = max(float((p.detach() - initial[n]).abs().max()) for n, p in run.policy.model.named_parameters())
     assert moved > 1e-4
-    assert trainer.engine_model is trainer.policy     # one process: the engine reads the weights in place
+    assert run.engine_model is run.policy.model     # one process: the engine reads the weights in place
     ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert ckpts == ["iter_000001", "iter_000002"]
     samples = [json.loads(l) for l in open(tmp_path / "run" / "samples.jsonl")]
@@ -123,16 +124,16 @@ def train_initial(model_dir):
 def test_engine_sees_update_in_place(tiny_model_dir, tmp_path, parity_reward):
     """After an iteration, the engine's logprobs of a fixed response equal the updated policy's."""
     from vineppo.engine import SamplingParams
-    from vineppo.trainer import token_logprobs
+    from vineppo.scoring import token_logprobs
 
-    trainer = train(small_args(tiny_model_dir, tmp_path / "run", "grpo", "--ppo.num_iterations", "1",
-                               "--eval.at_start", "false"))
-    prompt = [trainer.tokenizer.bos_token_id or 1] + trainer.tokenizer("Start with 3.")["input_ids"]
-    out = trainer.engine.generate([prompt], SamplingParams(temperature=0.6, max_tokens=10, seed=5,
-                                                           ignore_eos=True))[0][0]
+    run = train(small_args(tiny_model_dir, tmp_path / "run", "grpo", "--ppo.num_iterations", "1",
+                           "--eval.at_start", "false")).run
+    prompt = [run.tokenizer.bos_token_id or 1] + run.tokenizer("Start with 3.")["input_ids"]
+    out = run.engine.generate([prompt], SamplingParams(temperature=0.6, max_tokens=10, seed=5,
+                                                       ignore_eos=True))[0][0]
     ids = torch.tensor([prompt + out.token_ids])
     with torch.no_grad():
-        logits = trainer.policy(ids).logits[0, len(prompt) - 1:-1]
+        logits = run.policy.model(ids).logits[0, len(prompt) - 1:-1]
     ours = token_logprobs(logits, ids[0, len(prompt):], 0.6)
     torch.testing.assert_close(ours, torch.tensor(out.logprobs), atol=1e-4, rtol=0)
 
@@ -144,15 +145,17 @@ def test_resume_is_bit_for_bit(algo, tiny_model_dir, tmp_path, parity_reward):
     assert len(training_lines(tmp_path / "b")) == 1
     resumed = train(["--resume", str(tmp_path / "b"), "--run.progress", "false", "--run.tensorboard", "false"])
     assert resumed.state.iteration == 2
-    for (n, a), (_, b) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters()):
+    straight, resumed = straight.run, resumed.run
+    for (n, a), (_, b) in zip(straight.policy.model.named_parameters(), resumed.policy.model.named_parameters()):
         assert torch.equal(a, b), n
-    for (n, a), (_, b) in zip(straight.optimizer.state_dict()["state"].items(),
-                              resumed.optimizer.state_dict()["state"].items()):
+    for (n, a), (_, b) in zip(straight.policy.optimizer.state_dict()["state"].items(),
+                              resumed.policy.optimizer.state_dict()["state"].items()):
         assert all(torch.equal(a[k], b[k]) for k in a), n
     if algo == "ppo":
-        for (n, a), (_, b) in zip(straight.value_model.state_dict().items(), resumed.value_model.state_dict().items()):
+        for (n, a), (_, b) in zip(straight.critic.model.state_dict().items(),
+                                  resumed.critic.model.state_dict().items()):
             assert torch.equal(a, b), n
-        assert resumed.value_scheduler.last_epoch == straight.value_scheduler.last_epoch
+        assert resumed.critic.scheduler.last_epoch == straight.critic.scheduler.last_epoch
 
     # the budget-capped first half also evaluated at its end; apart from that, every logged value
     # (rewards, losses, ratios, advantages, eval accuracies) is the same
@@ -167,7 +170,7 @@ def test_resume_is_bit_for_bit(algo, tiny_model_dir, tmp_path, parity_reward):
 
 def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward, monkeypatch):
     from vineppo import algos
-    from vineppo.trainer import TrainingStopped
+    from vineppo.learner import TrainingStopped
 
     real = algos.policy_loss
     calls = {"n": 0}
@@ -178,11 +181,11 @@ def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward,
         return (loss * float("nan") if calls["n"] <= 2 else loss), stats
     monkeypatch.setattr(algos, "policy_loss", flaky)
     # micro-batches 1 and 2 form the first minibatch: one skipped update, then training goes on
-    trainer = train(small_args(tiny_model_dir, tmp_path / "ok", "grpo", "--ppo.num_iterations", "1",
+    trained = train(small_args(tiny_model_dir, tmp_path / "ok", "grpo", "--ppo.num_iterations", "1",
                                "--run.max_nan_skips", "3"))
     (line,) = training_lines(tmp_path / "ok")
     assert line["optim/skipped_updates"] == 1 and line["train/grad_steps"] == 3
-    assert trainer.state.nan_skips == 1
+    assert trained.state.nan_skips == 1
 
     monkeypatch.setattr(algos, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     with pytest.raises(TrainingStopped, match="max_nan_skips=2"):
@@ -208,14 +211,14 @@ def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, pari
     and the run goes on while one more iteration as long as the last one still fits."""
     import vineppo.trainer as trainer_mod
 
-    real_iteration = trainer_mod.Trainer.iteration
+    real_iteration = trainer_mod.iteration
 
-    def one_second_iteration(self, it):      # a fixed clock keeps the test independent of load
-        return dict(real_iteration(self, it), **{"time/iteration": 1.0})
+    def one_second_iteration(run, state):      # a fixed clock keeps the test independent of load
+        return dict(real_iteration(run, state), **{"time/iteration": 1.0})
 
-    monkeypatch.setattr(trainer_mod.Trainer, "iteration", one_second_iteration)
-    monkeypatch.setattr(trainer_mod.Trainer, "evaluate",
-                        lambda self: {"eval/accuracy": 0.0, "eval/num_problems": 0, "time/eval": 100.0})
+    monkeypatch.setattr(trainer_mod, "iteration", one_second_iteration)
+    monkeypatch.setattr(trainer_mod, "evaluate",
+                        lambda run: {"eval/accuracy": 0.0, "eval/num_problems": 0, "time/eval": 100.0})
     train(small_args(tiny_model_dir, tmp_path / "budget", "grpo", "--ppo.num_iterations", "50",
                      "--eval.every", "1", "--ppo.epochs", "1", "--run.max_minutes", "0",
                      "--run.max_train_minutes", str(3.5 / 60)))

@@ -1,7 +1,8 @@
 """Advantage estimators and losses: small pure functions over padded tensors.
 
-Every advantage estimator has the signature ``(batch: RolloutBatch, cfg: AlgoConfig) ->
-(advantages [E, L], returns [E, L])`` and is registered by name in ``ADVANTAGE_ESTIMATORS``:
+Every advantage estimator has the signature ``(batch: RolloutBatch, cfg: AdvantageConfig) ->
+(advantages [E, L], returns [E, L])`` and is registered by name in ``ESTIMATORS``, with what the
+iteration must collect for it (MC values, a critic, groups of two or more samples):
 
 - ``"vineppo"``: A_t = r_t + gamma * V(s_{t+1}) - V(s_t) per reasoning step t, with V the Monte
   Carlo values estimated by the rollout engine; every token of step t takes A_t.
@@ -10,54 +11,35 @@ Every advantage estimator has the signature ``(batch: RolloutBatch, cfg: AlgoCon
 - ``"rloo"``: r - mean of the other members of the group, broadcast to every token.
 
 Padding positions (``response_mask == 0``) are zero in every output. Whitening is a separate step
-(``whiten``), applied by the trainer when ``cfg.whiten`` is set.
+(``whiten``), applied by the trainer over every rank's episodes when ``cfg.whiten`` is set.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from vineppo.settings import check_settings, setting
+
 
 @dataclass
-class AlgoConfig:
-    """Settings of the advantage estimators and the PPO losses (paper defaults)."""
+class AdvantageConfig:
+    """Settings of the advantage estimators (paper defaults); the `advantage` section of the CLI."""
 
-    estimator: str = field(default="vineppo", metadata={
-        "help": "advantage estimator: vineppo | ppo | grpo | rloo"})
-    gamma: float = field(default=1.0, metadata={
-        "help": "discount (per step for vineppo, per token for ppo/GAE)"})
-    lam: float = field(default=1.0, metadata={"help": "GAE lambda (ppo only)"})
-    whiten: bool = field(default=True, metadata={
-        "help": "whiten advantages over the (mini)batch before the policy loss"})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
-    value_clip_range: float = field(default=0.2, metadata={
-        "help": "clip of the value prediction around the old prediction (ppo only)"})
-    kl_coef: float = field(default=1e-4, metadata={
-        "help": "coefficient of the k3 KL-to-reference term in the loss (0 = off)"})
-    grpo_std_normalize: bool = field(default=True, metadata={
-        "help": "grpo: divide by the group's reward std (off = Dr. GRPO style mean-centering)"})
-    eps: float = field(default=1e-6, metadata={"help": "grpo: added to the group std"})
+    gamma: float = setting(1.0, "discount (per step for vineppo, per token for ppo/GAE)", check="[0, 1]")
+    lam: float = setting(1.0, "GAE lambda (ppo)", check="[0, 1]")
+    whiten: bool = setting(True, "whiten advantages over the iteration's episodes (all ranks) before the "
+                           "policy loss")
+    grpo_std_normalize: bool = setting(True, "grpo: divide by the group's reward std (off = Dr. GRPO "
+                                       "style mean-centering)")
+    grpo_eps: float = setting(1e-6, "grpo: added to the group std", check="> 0")
 
     def __post_init__(self):
-        if self.estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"unknown advantage estimator {self.estimator!r}; "
-                             f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
-        for name in ("gamma", "lam"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
-        for name in ("clip_range", "value_clip_range"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        check_settings(self)
 
 
 @dataclass
@@ -104,7 +86,7 @@ def _last_token_index(mask: Tensor) -> Tensor:
     return (mask.sum(dim=1).long() - 1).clamp(min=0)
 
 
-def vineppo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
+def vineppo_advantages(batch: RolloutBatch, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """A_t = r_t + gamma * V(s_{t+1}) - V(s_t), every token of step t taking A_t.
 
     The number of steps of episode e is ``max(step_ids[e] over real tokens) + 1``; r_t is the
@@ -136,7 +118,7 @@ def vineppo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Te
     return advantages, returns
 
 
-def gae_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
+def gae_advantages(batch: RolloutBatch, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """GAE over response tokens; the reward sits on the last response token, V after it is 0."""
     if batch.values is None:
         raise ValueError("ppo (GAE) needs batch.values")
@@ -169,7 +151,7 @@ def _group_index(group_ids: Tensor) -> tuple[Tensor, Tensor]:
     return inverse, counts
 
 
-def grpo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
+def grpo_advantages(batch: RolloutBatch, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """(r - group mean) / (group std + eps), std unbiased (Bessel); broadcast over tokens."""
     mask = batch.response_mask
     r = batch.rewards.to(torch.float64)
@@ -181,13 +163,13 @@ def grpo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tenso
     if cfg.grpo_std_normalize:
         sq = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inverse, centered ** 2)
         std = (sq / (counts - 1)).sqrt()
-        centered = centered / (std[inverse] + cfg.eps)
+        centered = centered / (std[inverse] + cfg.grpo_eps)
     advantages = centered.to(mask.dtype).unsqueeze(1) * mask
     returns = batch.rewards.to(mask.dtype).unsqueeze(1) * mask
     return advantages, returns
 
 
-def rloo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
+def rloo_advantages(batch: RolloutBatch, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """r_i - mean_{j != i, same group} r_j; broadcast over tokens."""
     mask = batch.response_mask
     r = batch.rewards.to(torch.float64)
@@ -199,17 +181,35 @@ def rloo_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tenso
     return advantages, returns
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[RolloutBatch, AlgoConfig], tuple[Tensor, Tensor]]] = {
-    "vineppo": vineppo_advantages,
-    "ppo": gae_advantages,
-    "grpo": grpo_advantages,
-    "rloo": rloo_advantages,
-}
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator and what the iteration must collect for it."""
+
+    name: str
+    advantages: Callable[[RolloutBatch, AdvantageConfig], tuple[Tensor, Tensor]]
+    needs_mc_values: bool = False   # K continuations from every step boundary (VinePPO)
+    needs_critic: bool = False      # a value network trained beside the policy (PPO)
+    needs_groups: bool = False      # at least two samples per prompt (GRPO, RLOO)
 
 
-def compute_advantages(batch: RolloutBatch, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
-    """Run ``cfg.estimator``, then whiten the advantages over the batch when ``cfg.whiten``."""
-    advantages, returns = ADVANTAGE_ESTIMATORS[cfg.estimator](batch, cfg)
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("vineppo", vineppo_advantages, needs_mc_values=True),
+    Estimator("ppo", gae_advantages, needs_critic=True),
+    Estimator("grpo", grpo_advantages, needs_groups=True),
+    Estimator("rloo", rloo_advantages, needs_groups=True),
+)}
+ALGOS = tuple(ESTIMATORS)
+
+
+def estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; choose one of {', '.join(ALGOS)}")
+    return ESTIMATORS[name]
+
+
+def compute_advantages(batch: RolloutBatch, name: str, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
+    """Run estimator `name`, then whiten the advantages over the batch when ``cfg.whiten``."""
+    advantages, returns = estimator(name).advantages(batch, cfg)
     if cfg.whiten:
         advantages = whiten(advantages, batch.response_mask)
     return advantages, returns

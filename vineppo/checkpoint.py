@@ -7,7 +7,7 @@ Layout of ``run_dir/checkpoints/iter_000012/``::
     optimizer.pt           torch.save of optimizer.state_dict()   (value_optimizer.pt likewise)
     scheduler.pt           torch.save of scheduler.state_dict()   (value_scheduler.pt likewise)
     rng.pt                 python random, numpy, torch CPU and CUDA generator states, per rank
-    trainer_state.json     iteration, data position, wall-clock used, config, extra (written last)
+    trainer_state.json     the run's TrainState and config (written last)
 
 A checkpoint is written into a hidden temporary folder beside its final place, every file is
 fsynced, and the folder is then renamed into place: a crash at any point leaves either the
@@ -25,11 +25,12 @@ import random
 import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -39,14 +40,16 @@ _TRASH_PREFIX = ".trash-"
 
 
 @dataclass
-class TrainerState:
-    """What the trainer needs besides weights and optimizer state to continue a run."""
+class TrainState:
+    """Where a run stands besides its tensors: everything else a resumed run needs."""
 
-    iteration: int                       # completed iterations
-    data_position: Any = None            # sampler state (JSON-serialisable)
-    wall_clock_s: float = 0.0            # training seconds used so far
-    config: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+    iteration: int = 0              # iterations completed (the data position is iteration * num_prompts)
+    optimizer_steps: int = 0
+    nan_skips: int = 0
+    episodes: int = 0               # episodes trained on so far
+    train_seconds: float = 0.0      # wall clock of training iterations (eval and checkpoints excluded)
+    last_eval_iteration: int = -1
+    last_saved_iteration: int = -1
 
 
 # ---- RNG -------------------------------------------------------------------------------------
@@ -133,7 +136,6 @@ def _save_module(module: torch.nn.Module, directory: str, state_dict: dict | Non
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         module.save_pretrained(directory, **kwargs)
     else:
-        from safetensors.torch import save_file, save_model
         if state_dict is None:
             save_model(module, os.path.join(directory, "model.safetensors"))
         else:
@@ -153,15 +155,14 @@ def checkpoint_path(run_dir: str, iteration: int) -> str:
     return os.path.join(run_dir, CHECKPOINT_DIR, f"iter_{iteration:06d}")
 
 
-def save_checkpoint(run_dir: str, iteration: int, model: torch.nn.Module, optimizer=None,
+def save_checkpoint(run_dir: str, state: TrainState, model: torch.nn.Module, optimizer=None,
                     scheduler=None, *, value_model: torch.nn.Module | None = None,
                     value_optimizer=None, value_scheduler=None, tokenizer=None,
-                    data_position: Any = None, wall_clock_s: float = 0.0, config: Any = None,
-                    extra: dict | None = None, keep_last: int = 2,
+                    config: Any = None, keep_last: int = 2,
                     model_state_dict: dict | None = None,
                     value_model_state_dict: dict | None = None,
                     rng_states: list[dict] | None = None) -> str:
-    """Write the checkpoint of ``iteration`` atomically and keep the newest ``keep_last``.
+    """Write the checkpoint of ``state.iteration`` atomically and keep the newest ``keep_last``.
 
     ``optimizer`` / ``scheduler`` (and the value ones) may be objects or already-gathered state
     dicts (FSDP2: pass full state dicts from ``torch.distributed.checkpoint.state_dict``;
@@ -171,17 +172,17 @@ def save_checkpoint(run_dir: str, iteration: int, model: torch.nn.Module, optimi
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    iteration = state.iteration
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    state = TrainerState(iteration=int(iteration), data_position=data_position,
-                         wall_clock_s=float(wall_clock_s), config=config or {}, extra=extra or {})
     # fail before writing anything when the state cannot be stored as JSON
     try:
-        state_json = json.dumps(dataclasses.asdict(state), indent=2, allow_nan=False)
+        state_json = json.dumps({"state": dataclasses.asdict(state), "config": config or {}}, indent=2,
+                                allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"trainer state is not JSON-serialisable: {e}") from e
+        raise ValueError(f"trainer state or config is not JSON-serialisable: {e}") from e
 
     ckpt_root = os.path.join(run_dir, CHECKPOINT_DIR)
     os.makedirs(ckpt_root, exist_ok=True)
@@ -222,14 +223,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def read_trainer_state(path: str) -> TrainerState:
+def read_trainer_state(path: str) -> TrainState:
     with open(os.path.join(path, STATE_FILE)) as f:
-        return TrainerState(**json.load(f))
+        return TrainState(**json.load(f)["state"])
+
+
+def read_checkpoint_config(path: str) -> dict:
+    """The config the run that wrote checkpoint `path` ran with."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)["config"]
 
 
 def read_model_state_dict(path: str, subdir: str = "model") -> dict[str, torch.Tensor]:
     """The tensors saved under ``path/subdir`` (all safetensors shards merged)."""
-    from safetensors.torch import load_file
     directory = os.path.join(path, subdir)
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
@@ -256,7 +262,7 @@ def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
 def load_checkpoint(path: str, model: torch.nn.Module | None = None, optimizer=None,
                     scheduler=None, *, value_model: torch.nn.Module | None = None,
                     value_optimizer=None, value_scheduler=None, restore_rng: bool = True,
-                    rank: int = 0, map_location: str | torch.device = "cpu") -> TrainerState:
+                    rank: int = 0, map_location: str | torch.device = "cpu") -> TrainState:
     """Load a checkpoint into the given objects in place and return the trainer state.
 
     Restores every RNG (of ``rank``) when ``restore_rng``, so the next random draws equal those

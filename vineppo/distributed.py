@@ -12,9 +12,29 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from vineppo.settings import check_settings, setting
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+@dataclass
+class DistConfig:
+    """Sharding and precision of the trained models; the `dist` section of the CLI."""
+
+    mixed_precision: str = setting("auto", "FSDP2 param/compute dtype: auto (bfloat16 on GPU, float32 on CPU), "
+                                   "float32, bfloat16", choices=("auto", "float32", "bfloat16"))
+    activation_checkpointing: str = setting("auto", "auto (on for GPU), on, off", choices=("auto", "on", "off"))
+    reshard_after_forward: bool = setting(True, "FSDP2: free gathered parameters after each layer's forward")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass
@@ -48,9 +68,6 @@ def init_distributed(device: str = "") -> DistContext:
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         return DistContext(device=dev)
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
@@ -64,8 +81,6 @@ def init_distributed(device: str = "") -> DistContext:
 
 def destroy_distributed(ctx: DistContext) -> None:
     if ctx.distributed:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -93,8 +108,6 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None = None,
     `param_dtype` (e.g. bfloat16) sets the mixed-precision compute dtype; gradients are reduced and
     the sharded master weights kept in float32. None keeps everything in the parameters' dtype.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -145,8 +158,6 @@ def copy_full_weights(src: nn.Module, dst: nn.Module) -> None:
 def all_reduce(t: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum / max / min) across ranks; a no-op in a single process."""
     if ctx.distributed:
-        import torch.distributed as dist
-
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(t, op=ops[op])
     return t
@@ -155,8 +166,6 @@ def all_reduce(t: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tens
 def all_gather_object(obj, ctx: DistContext) -> list:
     if not ctx.distributed:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -165,8 +174,6 @@ def all_gather_object(obj, ctx: DistContext) -> list:
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     if not ctx.distributed:
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -174,8 +181,6 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
 
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -184,16 +189,12 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
 
     Collective: call on every rank; only rank 0 receives the state (others get an empty dict).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer, path: str) -> None:
     """Loads a full optimizer state (as written from `full_optimizer_state`) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     if not os.path.isfile(path):
         raise ValueError(f"no optimizer state at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)

