@@ -58,17 +58,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vineppo.models import build_model_from_config, tiny_model_config
-    from vineppo.tasks import build_synthetic_tokenizer
-
-    tok = build_synthetic_tokenizer()
-    conf = tiny_model_config(len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-    model = build_model_from_config(conf, seed=0, dtype=torch.float32).eval()
-    return model, tok
+def tiny(synthetic_lm):
+    return synthetic_lm(max_position_embeddings=128)
 
 
 @pytest.fixture
