@@ -60,7 +60,7 @@ def train(argv) -> Trained:
 
     cfg = load_config(argv)
     if cfg.run.resume:
-        cfg = resume_config(cfg)
+        cfg = resume_config(cfg, argv)
     run, state = build_run(cfg, DistContext())
     try:
         train_run(run, state)

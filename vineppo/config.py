@@ -228,6 +228,12 @@ def _split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
     return [(ALIASES.get(k, k), v) for k, v in pairs]
 
 
+def command_line_fields(argv: list[str]) -> set[str]:
+    """The dotted field names an argument list sets (``run.max_iterations`` for
+    ``--max-iterations 5``), plus "preset" and "config" when given."""
+    return {key[2:] for key, _ in _split_argv(argv)}
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from command-line arguments (see `format_help`); prints help and exits on -h/--help."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -90,6 +90,23 @@ def encode_prompt(tokenizer, text: str, template: str = "plain") -> list[int]:
     return list(ids)
 
 
+def fit_prompts(examples, split: str, task, tokenizer, template: str, context: int,
+                on_error: str) -> tuple[list, int]:
+    """(the examples whose prompt leaves room for at least one response token in a `context`-token
+    window, how many were dropped). A prompt that does not fit raises ValueError naming the
+    example, unless `on_error` is "skip"."""
+    kept = []
+    for ex in examples:
+        n = len(encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template))
+        if n < context:
+            kept.append(ex)
+        elif on_error != "skip":
+            raise ValueError(f"{split} problem {ex.id}: its prompt has {n} tokens, and the model's context "
+                             f"holds {context} (prompt + at least one response token); shorten it, or pass "
+                             f"--task.on_error skip to leave such problems out")
+    return kept, len(examples) - len(kept)
+
+
 def per_prompt_params(params: SamplingParams, count: int, first_index: int = 0) -> list[SamplingParams]:
     """`params` for each of `count` prompts, each with its own seed derived from ``params.seed``
     and the prompt's position (``first_index`` + i). One shared seed would give sample j of every

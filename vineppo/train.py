@@ -14,24 +14,27 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import torch
 
 from vineppo import checkpoint
 from vineppo.algos import estimator
-from vineppo.config import TrainConfig, load_config
+from vineppo.config import TrainConfig, command_line_fields, load_config
 from vineppo.distributed import (DistContext, barrier, broadcast_object, destroy_distributed,
                                  enable_activation_checkpointing, init_distributed, shard_model)
 from vineppo.engine import Engine, EngineConfig
 from vineppo.learner import Learner, TrainingStopped, total_optimizer_steps
 from vineppo.metrics import RunLog
 from vineppo.models import ValueModel, load_policy, resolve_dtype, resolve_model_name
+from vineppo.rollout import fit_prompts
 from vineppo.sft import cache_dir_of, ensure_sft_checkpoint, job_from_train_config
 from vineppo.task_config import load_task_from_config
-from vineppo.trainer import Run, TrainState, restore, train
+from vineppo.trainer import Interrupted, Run, StopRequest, TrainState, restore, train
 
 
 def resolve_model_path(cfg: TrainConfig, ctx: DistContext) -> tuple[str, str | None]:
@@ -76,18 +79,29 @@ def make_run_dir(cfg: TrainConfig, ctx: DistContext) -> str:
     return broadcast_object(path, ctx)
 
 
-def resume_config(cfg: TrainConfig) -> TrainConfig:
-    """The saved config of the run being resumed, with this command line's run.* budget fields applied.
+RUN_BUDGET = ("max_iterations", "max_minutes", "max_train_minutes")
+
+
+def resume_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+    """The saved config of the run being resumed, with the run.* fields this command line sets.
 
     Fields that change the result (model, data, hyperparameters) come from the run folder, so a
-    resumed run continues the same experiment.
+    resumed run continues the same experiment; setting one on the command line is an error. The
+    run's display and checkpoint settings are kept too unless given again; the budget
+    (max_iterations, max_minutes, max_train_minutes) is this command's own.
     """
     saved_path = os.path.join(cfg.run.resume, "config.json")
     if not os.path.isfile(saved_path):
         raise ValueError(f"--resume {cfg.run.resume}: no config.json there (not a run folder)")
+    given = command_line_fields(argv)
+    fixed = sorted(name for name in given if not name.startswith("run.") and name not in ("preset", "config"))
+    if fixed:
+        raise ValueError(f"--resume continues the run as it was configured; only run.* options apply, not "
+                         f"{', '.join('--' + n for n in fixed)}")
     saved = TrainConfig.load(saved_path)
-    saved.run = copy.deepcopy(cfg.run)
-    saved.run.run_dir = cfg.run.resume
+    for field in {name.removeprefix("run.") for name in given if name.startswith("run.")} | set(RUN_BUDGET):
+        setattr(saved.run, field, getattr(cfg.run, field))
+    saved.run.run_dir = saved.run.resume = cfg.run.resume
     return saved.validate()
 
 
@@ -98,22 +112,33 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.seed)
-    run_dir = make_run_dir(cfg, ctx)
     ckpt = None
     if cfg.run.resume:
-        ckpt = checkpoint.latest_checkpoint(run_dir)
+        ckpt = checkpoint.latest_checkpoint(cfg.run.resume)
         if ckpt is None:
-            raise ValueError(f"--resume {run_dir}: no complete checkpoint in {run_dir}/checkpoints")
-    elif ctx.is_main:
-        cfg.save(run_dir)
-    if ctx.is_main:
-        print(f"run folder: {os.path.abspath(run_dir)}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
+            raise ValueError(f"--resume {cfg.run.resume}: no complete checkpoint in {cfg.run.resume}/checkpoints")
 
     engine_dtype, compute_dtype = resolve_dtypes(cfg, ctx.device)
     model_path, gguf_file = resolve_model_path(cfg, ctx)
     policy, tokenizer = load_policy(model_path, dtype=torch.float32, gguf_file=gguf_file)
     policy.to(ctx.device)
     task = load_task_from_config(cfg.task)
+    # every prompt must leave room for a response in the context, checked before any work
+    context = int(policy.config.max_position_embeddings)
+    train_examples, skipped = fit_prompts(task.train[:cfg.task.max_train] if cfg.task.max_train > 0 else task.train,
+                                          "train", task, tokenizer, cfg.rollout.template, context, cfg.task.on_error)
+    test_examples, skipped_test = fit_prompts(task.test[:cfg.eval.limit] if cfg.eval.limit > 0 else task.test,
+                                              "test", task, tokenizer, cfg.rollout.template, context,
+                                              cfg.task.on_error)
+
+    run_dir = make_run_dir(cfg, ctx)
+    if ctx.is_main:
+        if ckpt is None:
+            cfg.save(run_dir)
+        print(f"run folder: {os.path.abspath(run_dir)}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
+        if skipped or skipped_test:
+            print(f"skipped {skipped} train and {skipped_test} test problems whose prompt leaves no room for a "
+                  f"response in the {context}-token context (--task.on_error skip)", flush=True)
 
     ref_model = None
     if cfg.ppo.kl_coef > 0:
@@ -153,8 +178,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
     run = Run(cfg=cfg, ctx=ctx, policy=Learner.create(policy, cfg.ppo.lr, cfg.ppo, steps),
               critic=Learner.create(value_model, cfg.ppo.value_lr, cfg.ppo, steps) if value_model else None,
               ref_model=ref_model, engine=engine, engine_model=engine_model, tokenizer=tokenizer, task=task,
-              train_examples=task.train[:cfg.task.max_train] if cfg.task.max_train > 0 else task.train,
-              test_examples=task.test[:cfg.eval.limit] if cfg.eval.limit > 0 else task.test,
+              train_examples=train_examples, test_examples=test_examples,
               run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it),
               compute_dtype=compute_dtype, start_time=start_time)
     state = restore(run, ckpt) if ckpt is not None else TrainState()
@@ -167,30 +191,80 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = load_config(argv)
         if cfg.run.resume:
-            cfg = resume_config(cfg)
+            cfg = resume_config(cfg, argv)
     except ValueError as exc:  # a bad option or file: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     ctx = init_distributed(cfg.run.device)
+    stop = StopRequest()
+    run = None
     try:
-        run, state = build_run(cfg, ctx, start_time=start)
-        try:
-            result = train(run, state)
-        finally:
-            run.log.close()
+        with stop_on_signals(stop):
+            try:
+                run, state = build_run(cfg, ctx, start_time=start)
+            except ValueError as exc:   # bad data or model, found before any training
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            try:
+                result = train(run, state, stop)
+            finally:
+                run.log.close()
         if ctx.is_main:
             acc = result.get("eval/accuracy")
             print(f"done: {state.iteration} iterations, {time.time() - start:.0f}s total"
                   + (f", final test accuracy {acc:.3f}" if acc is not None else "")
                   + f"; run folder {os.path.abspath(run.run_dir)}", flush=True)
         return result
+    except (Interrupted, KeyboardInterrupt) as exc:
+        name = exc.signal_name if isinstance(exc, Interrupted) else stop.signal_name or "SIGINT"
+        _report_stop(f"interrupted by {name}", run, cfg, ctx)
+        raise SystemExit(143 if name == "SIGTERM" else 130) from None
+    except TrainingStopped as exc:
+        _report_stop(f"error: {exc}", run, cfg, ctx)
+        raise SystemExit(1) from None
+    except OSError as exc:   # the run folder is read-only or full, or a file vanished
+        where = f"{exc.filename}: " if exc.filename else ""
+        _report_stop(f"error: {where}{exc.strerror or exc}", run, cfg, ctx)
+        raise SystemExit(1) from None
     finally:
         destroy_distributed(ctx)
 
 
-if __name__ == "__main__":
+@contextmanager
+def stop_on_signals(stop: StopRequest):
+    """SIGINT: finish the current iteration, checkpoint, then stop (a second SIGINT stops at once).
+    SIGTERM: stop at once. Either way the checkpoints already written stay complete."""
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and stop.signal_name is None:
+            stop.signal_name = name
+            print("\nSIGINT: stopping after this iteration and its checkpoint (press Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+            return
+        stop.signal_name = name
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        main()
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _report_stop(message: str, run: Run | None, cfg: TrainConfig, ctx: DistContext) -> None:
+    """One line on why training stopped, then what is saved and how to continue."""
+    if not ctx.is_main:
+        return
+    print(message, file=sys.stderr, flush=True)
+    run_dir = run.run_dir if run is not None else (cfg.run.resume or cfg.run.run_dir)
+    latest = checkpoint.latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
+    if latest is None:
+        print("no checkpoint was written" + (f" in {run_dir}" if run_dir else ""), file=sys.stderr, flush=True)
+        return
+    it = checkpoint.read_trainer_state(latest).iteration
+    print(f"last checkpoint: {latest} (iteration {it}); continue with:\n"
+          f"  python -m vineppo.train --resume {run_dir}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -242,8 +242,24 @@ def max_iterations(cfg) -> int:
     return min(cap, cfg.ppo.num_iterations) if cap > 0 else cfg.ppo.num_iterations
 
 
-def train(run: Run, state: TrainState) -> dict:
-    """Trains until `max_iterations` or an opt-in wall-clock cap; returns the last eval metrics."""
+class Interrupted(Exception):
+    """Training stopped on a signal; the run folder holds every checkpoint written before it."""
+
+    def __init__(self, signal_name: str, iteration: int):
+        super().__init__(f"{signal_name} after iteration {iteration}")
+        self.signal_name, self.iteration = signal_name, iteration
+
+
+@dataclass
+class StopRequest:
+    """Set by a signal handler (see `vineppo.train`): the loop stops after the current iteration."""
+    signal_name: str | None = None
+
+
+def train(run: Run, state: TrainState, stop: StopRequest | None = None) -> dict:
+    """Trains until `max_iterations` or an opt-in wall-clock cap; returns the last eval metrics.
+
+    When `stop` is set during an iteration, the loop checkpoints after it and raises `Interrupted`."""
     cfg, ctx = run.cfg, run.ctx
     total = max_iterations(cfg)
     last_eval: dict = {}
@@ -278,8 +294,11 @@ def train(run: Run, state: TrainState) -> dict:
             run.log.log(state.iteration, out)
             run.log.print(metrics.summary_line(state.iteration, out))
             bar.update(1)
-            if (cfg.run.save_every and state.iteration % cfg.run.save_every == 0) or done:
+            stopping = _stop_requested(run, stop)
+            if (cfg.run.save_every and state.iteration % cfg.run.save_every == 0) or done or stopping:
                 save(run, state)
+            if stopping:
+                raise Interrupted(stop.signal_name, state.iteration)
     finally:
         bar.close()
     if state.last_eval_iteration != state.iteration:
@@ -290,6 +309,14 @@ def train(run: Run, state: TrainState) -> dict:
     if state.last_saved_iteration != state.iteration:
         save(run, state)
     return last_eval
+
+
+def _stop_requested(run: Run, stop: StopRequest | None) -> bool:
+    flag = torch.tensor([float(stop is not None and stop.signal_name is not None)])
+    all_reduce(flag, run.ctx, op="max")   # every rank stops at the same iteration
+    if flag[0] > 0 and stop is not None and stop.signal_name is None:
+        stop.signal_name = "a signal on another rank"
+    return bool(flag[0] > 0)
 
 
 def _out_of_time(run: Run, state: TrainState, iter_time: float, eval_time: float) -> bool:
