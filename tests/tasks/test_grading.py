@@ -225,3 +225,71 @@ def test_math_grader_off_main_thread_uses_bounded_worker():
     assert not t.is_alive()
     assert results["eq"] == 1.0 and results["ne"] == 0.0 and results["hard"] == 0.0
     assert results["hard_s"] < 10.0
+
+
+# ------------------------------------------------ grading does not depend on machine load
+
+_CPU_BUDGET = 0.4  # CPU seconds per try: ~3x the slowest case below on a quiet machine
+
+
+def _grade_cases():
+    from vineppo.tasks import math_grader
+
+    math_grader._parse_gold.cache_clear()  # each pass parses every gold afresh
+    return [answers_equivalent(g, p, time_limit=_CPU_BUDGET) for g, p, _ in MATH_CASES]
+
+
+def test_math_grading_gives_the_same_results_under_cpu_load():
+    import os
+    import subprocess
+    import sys
+
+    quiet = _grade_cases()
+    assert quiet == [e for _, _, e in MATH_CASES]
+    # three busy processes per core: a wall-clock limit of the same size would expire here
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(3 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.2)
+        loaded = _grade_cases()
+    finally:
+        for b in burners:
+            b.kill()
+        for b in burners:
+            b.wait()
+    assert loaded == quiet
+
+
+def test_math_task_counts_timeouts_and_retries():
+    from vineppo.tasks import GraderStats
+    from vineppo.tasks.base import Example
+    from vineppo.tasks.math_task import MathTask
+
+    ex = Example(id="e", question="q", answer="5", solution="so \\boxed{5}")
+    task = MathTask(name="math", train=[], test=[ex], time_limit=0.15)
+    assert task.grade("so \\boxed{5}", ex) == 1.0
+    assert task.grade("so \\boxed{6}", ex) == 0.0
+    assert task.grader_stats() == GraderStats(graded=2, timed_out=0, retried=0)
+    t0 = time.perf_counter()
+    assert task.grade("\\boxed{9^{9^{9}}}", ex) == 0.0  # runs out of budget twice
+    assert time.perf_counter() - t0 < 10.0
+    assert task.grader_stats() == GraderStats(graded=1, timed_out=1, retried=1)
+    assert task.grader_stats() == GraderStats()  # counted afresh after each call
+
+
+def test_budget_is_cpu_time_not_wall_time():
+    from vineppo.tasks.math_grader import GradingTimeout, _budget
+
+    with _budget(0.1, 30.0):
+        time.sleep(0.3)  # waiting uses no CPU: no timeout
+    t0 = time.perf_counter()
+    with pytest.raises(GradingTimeout):
+        with _budget(0.1, 30.0):
+            while True:
+                pass
+    assert 0.08 < time.perf_counter() - t0 < 5.0
+    t0 = time.perf_counter()
+    with pytest.raises(GradingTimeout):
+        with _budget(10.0, 0.2):  # the wall-clock backstop
+            time.sleep(2.0)
+    assert time.perf_counter() - t0 < 1.0

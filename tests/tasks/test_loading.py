@@ -343,3 +343,118 @@ def test_synthetic_tokenizer_is_character_level_and_round_trips(tmp_path):
     assert loaded.eos_token == "<eos>" and loaded.pad_token == "<pad>"
     bos = build_synthetic_tokenizer(add_bos_token=True)
     assert bos.encode("ab") == [1] + tok.encode("ab")
+
+
+# ------------------------------------------------------------------------ data faults
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line_or_are_skipped(tmp_path, caplog):
+    path = tmp_path / "test.jsonl"
+    lines = [GOOD.encode(), GOOD.encode(), b'{"question": "caf\xe9?", "answer": "#### 1"}', GOOD.encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl:3: malformed row: not valid UTF-8 \(byte 0xe9 "
+                                         r"at column 18\)"):
+        load_task("gsm8k", str(path))
+    with caplog.at_level(logging.WARNING):
+        task = load_task("gsm8k", str(path), on_error="skip")
+    assert len(task.test) == 3 and task.num_skipped == 1 and "test.jsonl:3" in caplog.text
+    # a byte order mark is no fault
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    assert len(load_task("gsm8k", str(path)).test) == 1
+
+
+def test_csv_files_read_with_file_and_line(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_bytes(b'question,answer\n"What is 1+1?","#### 2"\n"Two\nlines?","so\n#### 3"\n'
+                     b'bad,"#### \xff"\n"only one field"\n"What is 2+2?","#### 4"\n')
+    with pytest.raises(ValueError, match=r"test\.csv:6: malformed row: not valid UTF-8"):
+        load_task("gsm8k", str(path))
+    task = load_task("gsm8k", str(path), on_error="skip")
+    assert [e.answer for e in task.test] == ["2", "3", "4"] and task.num_skipped == 2
+    assert task.test[1].question == "Two\nlines?"
+    path.write_bytes(b'question,answer\n"What is 1+1?","#### 2"\n"only one field"\n')
+    with pytest.raises(ValueError, match=r"test\.csv:3: malformed row: expected 2 fields"):
+        load_task("gsm8k", str(path))
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([{"question": "q1?", "answer": "#### 1"}, {"question": "q2?", "answer": "#### 2"}]))
+    assert [e.answer for e in load_task("gsm8k", str(path)).test] == ["1", "2"]
+    path.write_text('[{"question": "q1?", "answer": "#### 1"},\n {"question": ]')
+    with pytest.raises(ValueError, match=r"test\.json:2: malformed row"):
+        load_task("gsm8k", str(path), on_error="skip")  # a broken array has no row to skip
+
+
+@pytest.mark.parametrize("gold", ["#### abc", "#### about 5", "#### x3", "#### $"])
+def test_gsm8k_gold_must_be_a_number(tmp_path, gold):
+    path = tmp_path / "test.jsonl"
+    _write(path, [GOOD, json.dumps({"question": "q?", "answer": f"so\n{gold}"})])
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: malformed row: .*'#### <number>'"):
+        load_task("gsm8k", str(path))
+    task = load_task("gsm8k", str(path), on_error="skip")
+    assert len(task.test) == 1 and task.num_skipped == 1
+
+
+def test_gsm8k_numeric_golds_in_every_form_load(tmp_path):
+    path = tmp_path / "test.jsonl"
+    golds = ["72", "-3", "1,000", "$5", "0.5", "3/4", "5 apples"]
+    _write(path, [json.dumps({"question": "q?", "answer": f"#### {g}"}) for g in golds])
+    task = load_task("gsm8k", str(path))
+    assert [e.answer for e in task.test] == golds
+    assert all(task.grade(f"#### {g}", e) == 1.0 for g, e in zip(golds, task.test))
+
+
+@pytest.mark.parametrize("answer,reason", [("", "empty"), ("  ", "empty"), ("\\frac{1}{2", "unbalanced"),
+                                           ("x}", "unbalanced")])
+def test_math_gold_must_be_readable(tmp_path, answer, reason):
+    path = tmp_path / "test.jsonl"
+    _write(path, [json.dumps({"problem": "p", "solution": "so \\boxed{1}"}),
+                  json.dumps({"problem": "p", "solution": "so \\boxed{1}", "answer": answer})])
+    with pytest.raises(ValueError, match=rf"test\.jsonl:2: malformed row: .*{reason}"):
+        load_task("math", str(path))
+    task = load_task("math", str(path), on_error="skip")
+    assert len(task.test) == 1 and task.num_skipped == 1
+
+
+_NO_OPTIONAL_PACKAGES = r"""
+import importlib.abc, sys
+HIDDEN = ("datasets", "math_verify", "pyarrow", "latex2sympy2_extended")
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ImportError(f"No module named {name!r} (hidden)")
+        return None
+
+sys.meta_path.insert(0, Hide())
+import vineppo.tasks
+from vineppo.tasks import load_task
+task = load_task("gsm8k", sys.argv[1] + "/gsm8k")
+assert len(task.train) == 7473 and len(task.test) == 1319
+assert task.grade(task.sft_target(task.test[0]), task.test[0]) == 1.0
+math = load_task("math", sys.argv[1] + "/math/test.jsonl")
+assert len(math.test) == 500 and math.split_steps(math.sft_target(math.test[0]))
+for what, call in (("hub", lambda: load_task("gsm8k", "openai/gsm8k")),
+                   ("grade", lambda: math.grade("so \\boxed{5}", math.test[0]))):
+    try:
+        call()
+        raise SystemExit(what + ": no error")
+    except ImportError as e:
+        print(what, "|", e)
+assert not [m for m in sys.modules if m.split(".")[0] in HIDDEN]
+"""
+
+
+@needs_data
+def test_local_data_loads_without_datasets_and_math_verify():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _NO_OPTIONAL_PACKAGES, DATA], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" | ") for line in out.stdout.strip().splitlines())
+    assert "needs the `datasets` package (pip install datasets)" in lines["hub"]
+    assert "needs the math-verify package: pip install 'math-verify[antlr4_13_2]'" in lines["grade"]

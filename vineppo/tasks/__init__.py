@@ -1,20 +1,23 @@
 """Tasks: datasets, prompt templates, graders and step splitters.
 
     task = load_task("gsm8k", "/data/gsm8k")        # or "synthetic", "math"; a hub name works too
+    task = load_task_from_config(TaskConfig(name="math", splitter="paper"))  # the CLI's way
     prompt = task.prompt(task.test[0])             # "[MATH_TASK] Problem:\\n...\\n\\nSolution:"
+    ids = prompt_ids(task, task.test[0], tokenizer, "plain")
     reward = task.grade(response_text, task.test[0])
+    stats = task.grader_stats()                    # graded / timed_out / retried since last call
     steps = task.split_steps(decode_response(tokenizer, response_ids))
     offsets = step_token_offsets(tokenizer, response_ids, steps)
 """
 
 from __future__ import annotations
 
-from vineppo.tasks.base import PLAIN_TEMPLATE, Example, Task
+from vineppo.tasks.base import PLAIN_TEMPLATE, Example, Grade, GraderStats, Task, prompt_ids
+from vineppo.tasks.config import SPLITTERS, TASK_NAMES, TaskConfig, load_task_from_config, task_knobs
+from vineppo.tasks.paper_steps import split_paper_math_steps
 from vineppo.tasks.steps import merge_steps, split_math_steps, split_newline_steps
 from vineppo.tasks.tokenizer import build_synthetic_tokenizer
 from vineppo.tasks.tokens import cap_offsets, decode_response, step_token_offsets
-
-TASK_NAMES = ("synthetic", "gsm8k", "math")
 
 
 def load_task(name: str, path: str | None = None, seed: int = 0, **knobs) -> Task:
@@ -23,12 +26,14 @@ def load_task(name: str, path: str | None = None, seed: int = 0, **knobs) -> Tas
     synthetic: generated in memory; knobs are `SyntheticConfig` fields (num_steps, min_steps,
         max_operand, max_multiplier, max_value, num_train, num_test) plus max_steps. `path` must
         be None.
-    gsm8k / math: `path` is a local JSONL/Parquet file (used as the test split) or directory
-        (`train.jsonl`, `test.jsonl`, or Parquet shards), or a hub dataset name; None means the
-        public hub copies (openai/gsm8k "main"; MATH-500 for test and the 7.5k MATH train split).
+    gsm8k / math: `path` is a local JSONL/JSON/CSV/Parquet file (used as the test split) or
+        directory (`train.jsonl`, `test.jsonl`, .csv, or Parquet shards), or a hub dataset name
+        (needs `datasets`); None means the public hub copies (openai/gsm8k "main"; MATH-500 for
+        test and the 7.5k MATH train split).
         Knobs: on_error ("raise" | "skip"), num_train / num_test (keep the first N), train_path /
         test_path (override one split's source), hub_config, max_steps (default 25);
-        gsm8k: fallback_last_number; math: time_limit (seconds per answer).
+        gsm8k: fallback_last_number; math: time_limit (CPU seconds per comparison try),
+        splitter ("whole-math" or "paper", see `SPLITTERS`).
     `seed` seeds the synthetic generator; dataset order is kept as stored.
     """
     name = name.lower()
@@ -56,7 +61,7 @@ def _load_dataset_task(name: str, path: str | None, knobs: dict) -> Task:
     paths = {"train": knobs.pop("train_path", None), "test": knobs.pop("test_path", None)}
     hub_config = knobs.pop("hub_config", None)
     max_steps = knobs.pop("max_steps", 25)
-    extra = {"gsm8k": ("fallback_last_number",), "math": ("time_limit",)}[name]
+    extra = {"gsm8k": ("fallback_last_number",), "math": ("time_limit", "splitter")}[name]
     task_kw = {k: knobs.pop(k) for k in extra if k in knobs}
     if knobs:
         raise ValueError(f"unknown {name} knobs {sorted(knobs)}")
@@ -93,7 +98,8 @@ def _load_dataset_task(name: str, path: str | None, knobs: dict) -> Task:
 
 
 __all__ = [
-    "Example", "Task", "PLAIN_TEMPLATE", "TASK_NAMES", "load_task", "step_token_offsets",
-    "decode_response", "cap_offsets", "build_synthetic_tokenizer", "merge_steps",
-    "split_newline_steps", "split_math_steps",
+    "Example", "Task", "Grade", "GraderStats", "PLAIN_TEMPLATE", "TASK_NAMES", "SPLITTERS",
+    "TaskConfig", "load_task", "load_task_from_config", "task_knobs", "prompt_ids",
+    "step_token_offsets", "decode_response", "cap_offsets", "build_synthetic_tokenizer",
+    "merge_steps", "split_newline_steps", "split_math_steps", "split_paper_math_steps",
 ]

@@ -24,11 +24,37 @@ class Example:
 
 
 @dataclass
+class Grade:
+    """One grading: the reward, and whether the grader ran out of its budget (then the reward is
+    0) or needed its second try."""
+
+    reward: float
+    timed_out: bool = False
+    retried: bool = False
+
+
+@dataclass
+class GraderStats:
+    """Counts of gradings since the last `Task.grader_stats()` call."""
+
+    graded: int = 0  # responses graded
+    timed_out: int = 0  # of those, scored 0 because both tries ran out of the grader's budget
+    retried: int = 0  # of those, ran out of budget once and were graded again
+
+
+@dataclass
 class Task:
     """A dataset with its prompt format, grader and step splitter.
 
-    Subclasses implement `grade` and `_split` (uncapped step splitting); everything else is shared.
-    `num_skipped` counts malformed rows dropped at load time when loading with on_error="skip".
+    Subclasses implement `_grade` (returning a `Grade`) and `_split` (uncapped step splitting);
+    everything else is shared. `num_skipped` counts malformed rows dropped at load time when
+    loading with on_error="skip".
+
+    `grader_stats()` returns a `GraderStats` of the gradings since its last call (graded,
+    timed_out, retried) and starts counting afresh, so a trainer can log them per iteration: a
+    grader that runs out of its budget gives 0, and that must be visible, never silent. Only the
+    MATH grader has a budget; the others never time out. The counts are plain integers, exact
+    when one thread grades at a time.
     """
 
     name: str
@@ -39,6 +65,8 @@ class Task:
     # Appended to the question for instruct models (template="chat"), so they answer in a form the
     # grader reads.
     chat_instruction: str = ""
+    _stats: GraderStats = field(default_factory=GraderStats, init=False, repr=False,
+                                compare=False)
 
     def prompt(self, example: Example, tokenizer=None, template: str = "plain") -> str:
         """The prompt text. "plain": the paper's template for base/SFT models; "chat": the
@@ -61,7 +89,20 @@ class Task:
         return " " + example.solution
 
     def grade(self, response: str, example: Example) -> float:
-        """1.0 when the response's final answer matches the gold answer, else 0.0. Never raises."""
+        """1.0 when the response's final answer matches the gold answer, else 0.0. Never raises
+        on model output."""
+        g = self._grade(response, example)
+        self._stats.graded += 1
+        self._stats.timed_out += g.timed_out
+        self._stats.retried += g.retried
+        return g.reward
+
+    def grader_stats(self) -> GraderStats:
+        """The grading counts since the last call (see the class docstring)."""
+        stats, self._stats = self._stats, GraderStats()
+        return stats
+
+    def _grade(self, response: str, example: Example) -> Grade:
         raise NotImplementedError
 
     def _split(self, response: str) -> list[str]:
@@ -76,3 +117,14 @@ class Task:
         cap = self.max_steps if max_steps is None else max_steps
         steps = self._split(response)
         return merge_steps(steps, cap) if cap and cap > 0 else steps
+
+
+def prompt_ids(task: Task, example: Example, tokenizer, template: str = "plain") -> list[int]:
+    """The prompt's token ids: `task.prompt` encoded. Chat-templated text already carries its
+    special tokens (BOS included), so none are added for template "chat"; the plain template
+    gets the tokenizer's usual ones. ValueError when the prompt encodes to no tokens."""
+    text = task.prompt(example, tokenizer, template)
+    ids = tokenizer(text, add_special_tokens=(template != "chat"))["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {text[:60]!r} encodes to no tokens")
+    return list(ids)

@@ -52,6 +52,15 @@ def _to_fraction(m: re.Match) -> Fraction | None:
     return -value if m.group("sign") else value
 
 
+def gold_number(text: str) -> Fraction | None:
+    """The number a gold answer is: `parse_number` of a text that starts with that number
+    ("72", "-3", "$1,000", "5 apples"), else None ("abc", "about 5")."""
+    if not isinstance(text, str):
+        return None
+    m = _NUMBER.match(text.strip())
+    return _to_fraction(m) if m else None
+
+
 def last_number(text: str) -> Fraction | None:
     """The last number in `text` (searched in its last MAX_SEARCH_CHARS characters), or None."""
     if not isinstance(text, str):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vineppo.tasks.base import Example, Task
-from vineppo.tasks.grading import grade_gsm8k
+from vineppo.tasks.base import Example, Grade, Task
+from vineppo.tasks.grading import gold_number, grade_gsm8k
 from vineppo.tasks.steps import split_newline_steps
 
 HUB_NAME = "openai/gsm8k"
@@ -31,6 +31,8 @@ def example_from_record(record: dict, index: int, split: str) -> Example:
     final = answer.rsplit("####", 1)[1].strip()
     if not final:
         raise ValueError("field 'answer' has nothing after '####'")
+    if gold_number(final) is None:
+        raise ValueError(f"field 'answer' must end with '#### <number>'; got '#### {final[:40]}'")
     return Example(
         id=str(record.get("id") or f"gsm8k/{split}/{index}"),
         question=question.strip(),
@@ -47,8 +49,8 @@ class GSM8KTask(Task):
 
     fallback_last_number: bool = False
 
-    def grade(self, response: str, example: Example) -> float:
-        return grade_gsm8k(response, example.answer, self.fallback_last_number)
+    def _grade(self, response: str, example: Example) -> Grade:
+        return Grade(grade_gsm8k(response, example.answer, self.fallback_last_number))
 
     def _split(self, response: str) -> list[str]:
         return split_newline_steps(response)

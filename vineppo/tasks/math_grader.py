@@ -1,11 +1,20 @@
-"""MATH grading: final-answer extraction and equivalence through math-verify, time-bounded.
+"""MATH grading: final-answer extraction and equivalence through math-verify, under a budget.
 
 math-verify parses LaTeX with its own grammar (latex2sympy) and compares the resulting SymPy
 objects; it never executes text. Only its LaTeX extraction is used (its plain-expression
 extraction goes through SymPy's `parse_expr`, which evaluates Python). Symbolic simplification
 can run for minutes on adversarial input (e.g. towers of powers), so every comparison has a
-deadline: in the main thread a SIGALRM interval timer (sub-second, restored afterwards); in any
-other thread, where signals cannot be used, a spawned worker process that is killed on timeout.
+budget, counted in CPU seconds of the thread that compares (the work done, which other
+processes on the machine do not change), with a wall-clock backstop ten times as long (at
+least 30 s). In the main thread a 20 ms SIGALRM tick checks both (the previous handler and
+timer are restored afterwards); in any other thread, where signals cannot be used, the
+comparison runs in a spawned worker process, under the same budget there, and the worker is
+killed when the backstop passes. A comparison that runs out of budget is tried once more
+before it scores 0, and the `Grade` that `judge_math` returns says when either happened, so that
+a task can count it.
+
+math-verify is imported when a MATH answer is first compared, outside the budget; without it
+grading stops with an ImportError that says how to install it.
 """
 
 from __future__ import annotations
@@ -19,11 +28,16 @@ import threading
 import time
 from contextlib import contextmanager
 
+from vineppo.tasks.base import Grade
+
 logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_CHARS = 20_000  # only the tail of a longer response is searched for its answer
 MAX_ANSWER_CHARS = 400  # longer extracted answers score 0 unless they match the gold exactly
-DEFAULT_TIME_LIMIT = 2.0  # seconds per comparison (parsing both sides and verifying)
+DEFAULT_TIME_LIMIT = 2.0  # CPU seconds per comparison try (parsing both sides and verifying)
+_TICK_S = 0.02  # how often the main-thread budget is checked
+_MATH_VERIFY_MISSING = ("grading MATH answers needs the math-verify package: "
+                        "pip install 'math-verify[antlr4_13_2]'")
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _ANSWER_IS = re.compile(r"(?i)(?:final answer|answer) is:?\s*")
@@ -116,26 +130,50 @@ def normalize_answer(ans: str) -> str:
     return s.rstrip(".")
 
 
+def wall_backstop(time_limit: float) -> float:
+    """Wall-clock seconds after which a comparison with CPU budget `time_limit` is stopped."""
+    return max(30.0, 10.0 * time_limit)
+
+
 @contextmanager
-def _deadline(seconds: float):
-    """Raise GradingTimeout in the main thread after `seconds`, restoring any previous SIGALRM
-    handler and re-arming a previous interval timer with its remaining time."""
+def _budget(cpu_seconds: float, wall_seconds: float):
+    """Raise GradingTimeout in the main thread once it has used `cpu_seconds` of CPU time, or
+    `wall_seconds` have passed, checked every _TICK_S; the previous SIGALRM handler is
+    restored and a previous interval timer re-armed with its remaining time."""
+    cpu0, wall0 = time.thread_time(), time.monotonic()
+    fired = False
 
-    def on_alarm(signum, frame):
-        raise GradingTimeout()
+    def on_tick(signum, frame):
+        nonlocal fired
+        if fired:
+            return
+        if time.thread_time() - cpu0 > cpu_seconds or time.monotonic() - wall0 > wall_seconds:
+            fired = True
+            signal.setitimer(signal.ITIMER_REAL, 0)  # once: nothing may raise after this
+            raise GradingTimeout()
 
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    prev_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, on_tick)
+    prev_delay, _ = signal.setitimer(signal.ITIMER_REAL, _TICK_S, _TICK_S)
     try:
         yield
     finally:
+        fired = True
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
         if prev_delay > 0:
             signal.setitimer(
-                signal.ITIMER_REAL, max(prev_delay - (time.monotonic() - start), 1e-3)
+                signal.ITIMER_REAL, max(prev_delay - (time.monotonic() - wall0), 1e-3)
             )
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+    """The math_verify module (imported once, outside any budget)."""
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError(_MATH_VERIFY_MISSING) from None
+    return math_verify
 
 
 @functools.lru_cache(maxsize=4096)
@@ -144,41 +182,36 @@ def _parse_gold(gold: str):
 
 
 def _parse(latex: str):
-    from math_verify import LatexExtractionConfig, parse
-
-    # parsing_timeout=None: the caller's deadline bounds the time (math-verify's own timer uses
+    mv = _math_verify()
+    # parsing_timeout=None: the caller's budget bounds the time (math-verify's own timer uses
     # whole-second SIGALRM and fails outside the main thread).
-    return parse(
+    return mv.parse(
         "\\boxed{" + latex + "}",
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+        extraction_config=[mv.LatexExtractionConfig(boxed_match_priority=0)],
         parsing_timeout=None,
     )
 
 
 def _verify(gold: str, pred: str) -> bool:
-    from math_verify import verify
-
     gold_parsed = _parse_gold(gold)
     pred_parsed = _parse(pred)
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def _verify_with_deadline(gold: str, pred: str, time_limit: float) -> bool:
+def _try_here(gold: str, pred: str, time_limit: float) -> bool | None:
+    """One comparison in this (main) thread: True / False, or None when it ran out of budget."""
+    _math_verify()
     try:
-        with _deadline(time_limit):
+        with _budget(time_limit, wall_backstop(time_limit)):
             return _verify(gold, pred)
     except GradingTimeout:
-        logger.debug("math grading timed out after %.2fs", time_limit)
-        return False
+        logger.debug("math grading ran out of its %.2f CPU-second budget", time_limit)
+        return None
     except Exception:
         logger.debug("math grading failed", exc_info=True)
         return False
-
-
-def _worker_verify(gold: str, pred: str, time_limit: float) -> bool:
-    return _verify_with_deadline(gold, pred, time_limit)
 
 
 _pool = None
@@ -196,54 +229,97 @@ def _close_pool() -> None:
             _pool = None
 
 
-def _verify_in_worker(gold: str, pred: str, time_limit: float) -> bool:
-    """Off the main thread: run the comparison in a persistent spawned process; on timeout
-    the process is killed (and respawned on the next call)."""
+def _warm_worker() -> None:
+    _math_verify()
+
+
+def _try_in_worker(gold: str, pred: str, time_limit: float) -> bool | None:
+    """Off the main thread: one comparison in a persistent spawned process (started and warmed
+    up outside the budget); None when it ran out of budget there, or when the backstop passed
+    here, and then the process is killed (and respawned on the next call)."""
     import multiprocessing
 
     global _pool
     with _pool_lock:
-        fresh = _pool is None
-        if fresh:
+        if _pool is None:
             _pool = multiprocessing.get_context("spawn").Pool(1)
             atexit.register(_close_pool)
+            try:
+                _pool.apply_async(_warm_worker).get(timeout=_WORKER_STARTUP_S)
+            except Exception:
+                logger.debug("math grading worker failed to start", exc_info=True)
         pool = _pool
         try:
-            res = pool.apply_async(_worker_verify, (gold, pred, time_limit))
-            return bool(res.get(timeout=time_limit + 1.0 + (_WORKER_STARTUP_S if fresh else 0)))
+            res = pool.apply_async(_try_here, (gold, pred, time_limit))
+            return res.get(timeout=wall_backstop(time_limit) + 1.0)
         except multiprocessing.TimeoutError:
             pool.terminate()
             pool.join()
             _pool = None
-            return False
+            return None
         except Exception:
             logger.debug("math grading worker failed", exc_info=True)
             return False
 
 
-def answers_equivalent(gold: str, pred: str, time_limit: float = DEFAULT_TIME_LIMIT) -> bool:
-    """True when the predicted answer is mathematically equivalent to the gold answer (fast
-    string match first, then math-verify under a deadline). Never raises."""
+def compare_answers(gold: str, pred: str, time_limit: float = DEFAULT_TIME_LIMIT) -> Grade:
+    """Reward 1.0 when the predicted answer is mathematically equivalent to the gold answer:
+    fast string match first, then math-verify under a budget of `time_limit` CPU seconds, tried
+    once more when it runs out (`retried`); out of budget twice scores 0 (`timed_out`). Never
+    raises on model output; ImportError when math-verify is missing."""
+    _math_verify()  # a missing package is no model output: say so every time
     try:
         if not isinstance(pred, str) or not isinstance(gold, str):
-            return False
+            return Grade(0.0)
         if normalize_answer(pred) == normalize_answer(gold):
-            return True
+            return Grade(1.0)
         if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-            return False
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-            return _verify_with_deadline(gold, pred, time_limit)
-        return _verify_in_worker(gold, pred, time_limit)
+            return Grade(0.0)
+        here = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        attempt = _try_here if here else _try_in_worker
+        result = attempt(gold, pred, time_limit)
+        if result is not None:
+            return Grade(float(result))
+        result = attempt(gold, pred, time_limit)
+        return Grade(float(bool(result)), timed_out=result is None, retried=True)
     except BaseException as e:  # noqa: BLE001 - a grader never raises on model output
         if isinstance(e, KeyboardInterrupt):
             raise
-        return False
+        return Grade(0.0)
+
+
+def answers_equivalent(gold: str, pred: str, time_limit: float = DEFAULT_TIME_LIMIT) -> bool:
+    """True when the predicted answer is equivalent to the gold answer (`compare_answers`)."""
+    return compare_answers(gold, pred, time_limit).reward == 1.0
+
+
+def judge_math(response: str, gold: str, time_limit: float = DEFAULT_TIME_LIMIT) -> Grade:
+    """Reward 1.0 when the response's final answer (last `\\boxed{}` or "The answer is ...") is
+    equivalent to `gold` (`compare_answers`, with the budget's outcome)."""
+    pred = extract_math_answer(response)
+    if pred is None:
+        _math_verify()
+        return Grade(0.0)
+    return compare_answers(gold, pred, time_limit)
 
 
 def grade_math(response: str, gold: str, time_limit: float = DEFAULT_TIME_LIMIT) -> float:
-    """1.0 when the response's final answer (last `\\boxed{}` or "The answer is ...") is
-    equivalent to `gold`, else 0.0."""
-    pred = extract_math_answer(response)
-    if pred is None:
-        return 0.0
-    return float(answers_equivalent(gold, pred, time_limit))
+    """1.0 when the response's final answer is equivalent to `gold` (`judge_math`), else 0.0."""
+    return judge_math(response, gold, time_limit).reward
+
+
+def readable_gold(gold) -> str | None:
+    """Why a gold answer cannot be graded, or None when it can: it must be a non-empty string
+    with balanced braces, so that it parses once boxed. (Parsing every gold with math-verify
+    at load time would take about 30 s for MATH's 12.5k; grading parses each when first used.)"""
+    if not isinstance(gold, str) or not gold.strip():
+        return "the gold answer is empty"
+    depth = 0
+    for i, c in enumerate(gold):
+        if c in "{}" and not _escaped(gold, i):
+            depth += 1 if c == "{" else -1
+            if depth < 0:
+                break
+    if depth:
+        return f"the gold answer {gold[:60]!r} has unbalanced braces"
+    return None

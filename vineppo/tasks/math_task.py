@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vineppo.tasks.base import Example, Task
-from vineppo.tasks.math_grader import DEFAULT_TIME_LIMIT, grade_math, last_boxed
+from vineppo.tasks.base import Example, Grade, Task
+from vineppo.tasks.config import SPLITTERS
+from vineppo.tasks.math_grader import DEFAULT_TIME_LIMIT, judge_math, last_boxed, readable_gold
+from vineppo.tasks.paper_steps import split_paper_math_steps
 from vineppo.tasks.steps import split_math_steps
+
+_SPLIT = dict(zip(SPLITTERS, (split_math_steps, split_paper_math_steps)))
 
 # Hub defaults: MATH-500 for test (the PRM800K test split); the original 7.5k MATH train split
 # (disjoint from MATH-500, which was drawn from the original test split).
@@ -29,8 +33,11 @@ def example_from_record(record: dict, index: int, split: str) -> Example:
         answer = last_boxed(solution)
         if answer is None:
             raise ValueError("no field 'answer' and no \\boxed{} answer in 'solution'")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("field 'answer' must be a non-empty string")
+    if not isinstance(answer, str):
+        raise ValueError("field 'answer' must be a string")
+    unreadable = readable_gold(answer)
+    if unreadable:
+        raise ValueError(f"field 'answer': {unreadable}")
     if last_boxed(solution) is None:
         raise ValueError("field 'solution' has no \\boxed{} final answer")
     meta = {}
@@ -50,16 +57,22 @@ def example_from_record(record: dict, index: int, split: str) -> Example:
 
 @dataclass
 class MathTask(Task):
-    """MATH with math-aware sentence/line steps and math-verify grading (`time_limit` seconds
-    per answer)."""
+    """MATH with math-verify grading (`time_limit` CPU seconds per comparison try, see
+    `math_grader`) and the steps of `splitter`: "whole-math" (`steps.split_math_steps`: sentence
+    and line steps, math blocks kept whole) or "paper" (`paper_steps`: the official VinePPO
+    splitter's boundaries)."""
 
     time_limit: float = DEFAULT_TIME_LIMIT
+    splitter: str = "whole-math"
 
-    def grade(self, response: str, example: Example) -> float:
-        try:
-            return grade_math(response, example.answer, self.time_limit)
-        except Exception:  # a grader never raises on model output
-            return 0.0
+    def __post_init__(self):
+        if self.splitter not in _SPLIT:
+            raise ValueError(f"splitter must be one of {', '.join(SPLITTERS)}; got {self.splitter!r}")
+        if not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 CPU seconds; got {self.time_limit!r}")
+
+    def _grade(self, response: str, example: Example) -> Grade:
+        return judge_math(response, example.answer, self.time_limit)
 
     def _split(self, response: str) -> list[str]:
-        return split_math_steps(response)
+        return _SPLIT[self.splitter](response)

@@ -135,6 +135,10 @@ def _inside(spans: list[tuple[int, int]], i: int) -> bool:
 
 # A sentence end may close inline math ("... = 3.$  Next"); the cut goes after the delimiter.
 _SENTENCE_END = re.compile(r"[.!?](?:\$|\\\))?(?=[ \t]+[^\s])")
+# A sentence may also end inside display math ("... = 3.\\]  Next"): cut after the closing
+# delimiter when a capital letter starts the next sentence on the same line.
+_DISPLAY_SENTENCE_END = (".\\]", ".$$")
+_NEXT_SENTENCE = re.compile(r"[ \t]+[A-Z]")
 _ABBREVIATIONS = ("e.g.", "i.e.", "vs.", "etc.", "Dr.", "Mr.", "Mrs.", "Ms.", "cf.")
 # Secondary cut points for long parts: after a comma, before " and", before " =" / "=".
 _SECONDARY = re.compile(r",(?=\s)|(?= and\b)|(?<![<>!=\s])(?=\s?=(?!=))")
@@ -166,10 +170,12 @@ def _long_part_cuts(text: str, a: int, b: int, spans, max_chars: int, min_chars:
 def split_math_steps(
     response: str, max_chars: int = 100, min_part_chars: int = 20, min_step_chars: int = 12
 ) -> list[str]:
-    """MATH-style steps. Cuts after newline runs and at sentence ends (after `.`, `!` or `?`
-    followed by a space, before the space), never inside math (`math_spans`). Parts longer than
-    `max_chars` are cut further after commas, before " and" and before "=" (outside math), into
-    parts of at least `min_part_chars`. Steps with fewer than `min_step_chars` non-blank
+    """MATH-style steps ("whole-math"). Cuts after newline runs and at sentence ends (after `.`,
+    `!` or `?` followed by a space, before the space; after display math ending with a full
+    stop, `.\\]` or `.$$`, when a capital follows on the same line), never inside math
+    (`math_spans`), so math blocks stay whole. Parts longer than `max_chars` are cut further
+    after commas, before " and" and before "=" (outside math), into parts of at least
+    `min_part_chars`. Steps with fewer than `min_step_chars` non-blank
     characters are merged into the next step (the last into the one before)."""
     if not response:
         return [response]
@@ -180,6 +186,9 @@ def split_math_steps(
         if any(response.endswith(a, 0, m.start() + 1) for a in _ABBREVIATIONS):
             continue
         cuts.append(i)
+    for _, end in spans:
+        if response.endswith(_DISPLAY_SENTENCE_END, 0, end) and _NEXT_SENTENCE.match(response, end):
+            cuts.append(end)
     cuts = sorted(c for c in set(cuts) if 0 < c < len(response) and not _inside(spans, c))
     bounds = [0] + cuts + [len(response)]
     extra: list[int] = []

@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from vineppo.tasks.base import Example, Task
+from vineppo.tasks.base import Example, Grade, Task
 from vineppo.tasks.grading import grade_integer
 from vineppo.tasks.steps import split_newline_steps
 
@@ -177,8 +177,8 @@ class SyntheticTask(Task):
 
     config: SyntheticConfig = SyntheticConfig()
 
-    def grade(self, response: str, example: Example) -> float:
-        return grade_integer(response, example.answer)
+    def _grade(self, response: str, example: Example) -> Grade:
+        return Grade(grade_integer(response, example.answer))
 
     def _split(self, response: str) -> list[str]:
         return split_newline_steps(response)

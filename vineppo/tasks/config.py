@@ -1,0 +1,101 @@
+"""The task's settings (the command line's `task` section) and the one place they become a Task.
+
+    cfg = TaskConfig(name="math", path="../shared/data/math", splitter="paper")
+    task = load_task_from_config(cfg)        # load_task("math", path, seed=0, **task_knobs(cfg))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vineppo.settings import check_settings, setting
+
+TASK_NAMES = ("synthetic", "gsm8k", "math")
+ON_ERROR = ("raise", "skip")
+# MATH step splitters: the official VinePPO in-place splitter's boundaries, or math blocks kept
+# whole (fewer, longer steps; see docs/steps.md for both on MATH-500).
+SPLITTERS = ("whole-math", "paper")
+SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value",
+                   "carry_slip", "early_answer", "num_train", "num_test")
+
+
+@dataclass
+class TaskConfig:
+    name: str = setting("synthetic", "task: synthetic | gsm8k | math", choices=TASK_NAMES)
+    path: str = setting("", "local data folder/file or hub dataset name (gsm8k / math); empty = "
+                        "the task's default")
+    on_error: str = setting("raise", "gsm8k / math: a malformed data row stops loading with its "
+                            "file and line ('raise') or is skipped and counted ('skip')",
+                            choices=ON_ERROR)
+    splitter: str = setting("whole-math", "math: reasoning steps as the paper's splitter cuts "
+                            "them ('paper': every line of a math block, long formulas at '=') or "
+                            "with math blocks kept whole ('whole-math'); gsm8k and synthetic "
+                            "always cut at newlines (the paper's GSM8K steps)", choices=SPLITTERS)
+    seed: int = setting(0, "synthetic: seed of the generated train/test problems (independent of "
+                        "the RL --seed, so runs with different seeds are scored on the same test "
+                        "set)", check=">= 0")
+    num_steps: int = setting(3, "synthetic: arithmetic steps per problem (the most)", check=">= 1")
+    min_steps: int = setting(0, "synthetic: the fewest steps per problem (0 = num_steps - 1)",
+                             check=">= 0")
+    max_operand: int = setting(9, "synthetic: largest start value and +/- operand", check=">= 1")
+    max_multiplier: int = setting(1, "synthetic: '* k' steps with k up to this (< 2 = no "
+                                  "multiplication)", check=">= 0")
+    max_value: int = setting(30, "synthetic: every intermediate value stays in [0, max_value]",
+                             check=">= 1")
+    carry_slip: float = setting(0.0, "synthetic: probability that a train demonstration (SFT "
+                                "target) forgets a carry/borrow; answers and rewards stay exact",
+                                check="[0, 1]")
+    early_answer: float = setting(0.0, "synthetic: probability that a train demonstration (SFT "
+                                  "target) writes its answer one operation before the end; "
+                                  "answers and rewards stay exact", check="[0, 1]")
+    num_train: int = setting(20000, "synthetic: train problems generated", check=">= 1")
+    num_test: int = setting(500, "synthetic: test problems generated", check=">= 1")
+    max_train: int = setting(0, "use at most this many train problems (0 = all)", check=">= 0")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, prefix: str | None = None) -> None:
+        """ValueError naming the field unless every value is allowed, the synthetic knobs
+        together included (min_steps <= num_steps, max_operand <= max_value). Call again after
+        changing fields; errors name fields as ``prefix + name`` (default ``TaskConfig.``)."""
+        prefix = "TaskConfig." if prefix is None else prefix
+        check_settings(self, prefix)
+        if self.name != "synthetic":
+            return
+        if self.path:
+            raise ValueError(f"{prefix}path must be empty for the synthetic task (it is "
+                             f"generated); got {self.path!r}")
+        if self.min_steps > self.num_steps:
+            raise ValueError(f"{prefix}min_steps must be <= {prefix}num_steps ({self.num_steps}; "
+                             f"0 = num_steps - 1); got {self.min_steps}")
+        if self.max_operand > self.max_value:
+            raise ValueError(f"{prefix}max_operand must be <= {prefix}max_value "
+                             f"({self.max_value}); got {self.max_operand}")
+
+
+def _synthetic_knobs(cfg: TaskConfig) -> dict:
+    knobs = {k: getattr(cfg, k) for k in SYNTHETIC_KNOBS}
+    if knobs["min_steps"] == 0:
+        knobs["min_steps"] = None  # the config's 0 means "num_steps - 1"
+    return knobs
+
+
+def task_knobs(cfg: TaskConfig) -> dict:
+    """The `load_task` keyword arguments of `cfg` besides name, path and seed. For the synthetic
+    task these are the generator's knobs, which with the seed decide every problem; on_error
+    and splitter never change which problems a dataset task has."""
+    if cfg.name == "synthetic":
+        return _synthetic_knobs(cfg)
+    if cfg.name == "gsm8k":
+        return {"on_error": cfg.on_error}
+    return {"on_error": cfg.on_error, "splitter": cfg.splitter}
+
+
+def load_task_from_config(cfg: TaskConfig):
+    """The Task that `cfg` describes (checked first). `max_train` is not applied here: it
+    limits the train problems a run draws from (`task.train[:max_train]`), not the task."""
+    from vineppo.tasks import load_task
+
+    cfg.check()
+    return load_task(cfg.name, cfg.path or None, seed=cfg.seed, **task_knobs(cfg))
