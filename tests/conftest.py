@@ -71,7 +71,7 @@ def synthetic_lm():
 def sft_job(**sft):
     """The short SFT job, with SFTConfig fields overridden by `sft`."""
     from vineppo.sft import SFTConfig, SFTJob
-    from vineppo.task_config import TaskConfig
+    from vineppo.tasks import TaskConfig
 
     config = dict(epochs=3.0, batch_size=16, lr=1e-2, seed=0)
     config.update(sft)
@@ -94,7 +94,7 @@ def short_sft(tmp_path_factory):
     right or wrong."""
     from vineppo.models import load_policy
     from vineppo.sft import ensure_sft_checkpoint
-    from vineppo.task_config import load_task_from_config
+    from vineppo.tasks import load_task_from_config
 
     job = sft_job()
     cache = str(tmp_path_factory.getbasetemp() / "sft-cache")

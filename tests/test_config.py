@@ -41,7 +41,7 @@ def test_paper_presets_use_paper_settings():
 def test_typed_overrides():
     cfg = load_config(["--ppo.lr", "3e-4", "--rollout.num_samples=6", "--run.tensorboard", "false",
                        "--advantage.whiten", "--algo", "grpo", "--run.max_minutes", "2.5",
-                       "--task.path", "/data/x", "--ppo.minibatch_size", "48"])
+                       "--task.name", "gsm8k", "--task.path", "/data/x", "--ppo.minibatch_size", "48"])
     assert cfg.ppo.lr == 3e-4 and isinstance(cfg.ppo.lr, float)
     assert cfg.rollout.num_samples == 6 and isinstance(cfg.rollout.num_samples, int)
     assert cfg.run.tensorboard is False and cfg.advantage.whiten is True
@@ -120,7 +120,7 @@ def test_every_algo_accepted_and_presets_dir_beside_package():
 
 
 def test_task_on_error_reaches_the_loader(tmp_path):
-    from vineppo.task_config import load_task_from_config as load_task_for
+    from vineppo.tasks import load_task_from_config as load_task_for
 
     data = tmp_path / "gsm8k"
     data.mkdir()

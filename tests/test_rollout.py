@@ -5,10 +5,10 @@ import torch
 
 from vineppo.algos import ESTIMATORS, AdvantageConfig
 from vineppo.engine import Engine, EngineConfig, SamplingParams, branch_seed, derive_seed, sample_seed
-from vineppo.rollout import (Episode, RolloutConfig, collect_rollouts, decode_response, encode_prompt, score,
+from vineppo.rollout import (Episode, RolloutConfig, collect_rollouts, decode_response, score,
                              step_ids_of, to_rollout_batch)
 from vineppo.scoring import position_ids_from_mask
-from vineppo.tasks import step_token_offsets
+from vineppo.tasks import prompt_ids, step_token_offsets
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_collect_rollouts_with_values(policy, task):
     for i, e in enumerate(result.episodes):
         ex = examples[e.group_id]
         assert e.group_id == i // cfg.num_samples and e.example_id == ex.id
-        assert e.prompt_ids == encode_prompt(tokenizer, task.prompt(ex), "plain")
+        assert e.prompt_ids == prompt_ids(task, ex, tokenizer, "plain")
         assert len(e.engine_logprobs) == len(e.response_ids) > 0
         assert all(lp <= 1e-6 for lp in e.engine_logprobs)
         assert e.text == decode_response(tokenizer, e.response_ids)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vineppo.saved_task import choose_task, saved_task
-from vineppo.task_config import TaskConfig
+from vineppo.tasks import TaskConfig
 
 
 def _sft_folder(path, template="plain", **task):

@@ -10,7 +10,8 @@ import torch
 from vineppo.engine import Engine, EngineConfig, SamplingParams, derive_seed
 from vineppo.evaluate import accuracy_by_meta, evaluate
 from vineppo.evaluate import main as evaluate_main
-from vineppo.rollout import decode_response, encode_prompt, score
+from vineppo.rollout import decode_response, score
+from vineppo.tasks import prompt_ids
 from vineppo.sft import LOG_FILE, SFTConfig, _collate, encode_examples, ensure_sft_checkpoint, run_sft
 
 
@@ -47,7 +48,7 @@ def test_sft_labels_cover_only_the_target(sft):
     _, _, tokenizer, _, task = sft
     ex = task.train[0]
     (ids, p), = encode_examples(task, [ex], tokenizer, "plain", max_length=0)
-    prompt = encode_prompt(tokenizer, task.prompt(ex), "plain")
+    prompt = prompt_ids(task, ex, tokenizer, "plain")
     target = tokenizer(task.sft_target(ex), add_special_tokens=False)["input_ids"]
     assert p == len(prompt) and ids == prompt + target + [tokenizer.eos_token_id]
     input_ids, mask, labels = _collate([(ids, p), (ids[:p + 2], p)], tokenizer.pad_token_id, "cpu")
@@ -86,7 +87,7 @@ def _hf_greedy(model, tokenizer, prompt_ids, max_tokens):
 
 def test_evaluate_greedy_matches_transformers_generate(sft):
     _, model, tokenizer, _, task = sft
-    prompts = [encode_prompt(tokenizer, task.prompt(ex), "plain") for ex in task.test[:8]]
+    prompts = [prompt_ids(task, ex, tokenizer, "plain") for ex in task.test[:8]]
     greedy = [_hf_greedy(model, tokenizer, p, 48) for p in prompts]
     # Half the problems get the model's own final answer as their reference, so that both grades
     # occur whatever the small model's skill: the engine must reproduce which ones it gets right.
@@ -115,7 +116,7 @@ def test_evaluate_sampling_is_the_mean_over_problems_and_samples(sft):
     result = evaluate(engine, task, examples, tokenizer, n=4, temperature=0.7, top_p=0.9, max_tokens=48,
                       template="plain", seed=3)
     assert "greedy_pass@1" not in result and result["num_samples"] == 4
-    prompts = [encode_prompt(tokenizer, task.prompt(ex), "plain") for ex in examples]
+    prompts = [prompt_ids(task, ex, tokenizer, "plain") for ex in examples]
     # example i samples with its own seed derived from (seed, i)
     outs = engine.generate(prompts, [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, n=4,
                                                     seed=derive_seed(3, i)) for i in range(5)])

@@ -32,7 +32,7 @@ from vineppo.models import ModelConfig
 from vineppo.rollout import RolloutConfig
 from vineppo.settings import allowed, base_type, check_settings, coerce, setting, type_name
 from vineppo.sft import SFTConfig
-from vineppo.task_config import TaskConfig
+from vineppo.tasks import TaskConfig
 from vineppo.trainer import RunConfig
 
 DEFAULT_PRESET = "tiny"
@@ -70,6 +70,7 @@ class TrainConfig:
         """Every field's allowed values, then the settings that depend on each other; ValueError
         naming the flag otherwise."""
         check_settings(self, prefix="--")
+        self.task.check("--task.")
         r, p = self.rollout, self.ppo
         if estimator(self.algo).needs_groups and r.num_samples < 2:
             raise ValueError(f"--algo {self.algo} needs --rollout.num_samples >= 2, got {r.num_samples}")

@@ -22,10 +22,10 @@ import torch
 
 from vineppo.engine import Engine, EngineConfig, SamplingParams
 from vineppo.models import load_policy, resolve_model_name
-from vineppo.rollout import decode_response, encode_prompt, per_prompt_params, score
+from vineppo.rollout import decode_response, per_prompt_params, score
 from vineppo.saved_task import choose_task
 from vineppo.settings import check_settings, setting
-from vineppo.task_config import TaskConfig, load_task_from_config
+from vineppo.tasks import TaskConfig, load_task_from_config, prompt_ids
 
 
 @dataclass
@@ -61,7 +61,7 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     if not examples:
         raise ValueError("evaluate needs at least one example")
     start = time.perf_counter()
-    prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template) for ex in examples]
+    prompts = [prompt_ids(task, ex, tokenizer, template) for ex in examples]
     params = per_prompt_params(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                               n=n, seed=seed), len(prompts), first_index)
     outputs = engine.generate(prompts, params, progress=progress)

@@ -29,7 +29,7 @@ from vineppo.algos import RolloutBatch, mc_step_values
 from vineppo.engine import BranchRequest, SamplingParams, derive_seed
 from vineppo.scoring import pack
 from vineppo.settings import check_settings, setting
-from vineppo.tasks import cap_offsets, decode_response, step_token_offsets
+from vineppo.tasks import cap_offsets, decode_response, prompt_ids, step_token_offsets
 from vineppo.tasks.base import TEMPLATES
 
 
@@ -82,14 +82,6 @@ class RolloutResult:
     num_mc_tokens: int = 0
 
 
-def encode_prompt(tokenizer, text: str, template: str = "plain") -> list[int]:
-    """Prompt token ids. Chat-templated text already carries its special tokens."""
-    ids = tokenizer(text, add_special_tokens=(template != "chat"))["input_ids"]
-    if not ids:
-        raise ValueError(f"prompt {text[:60]!r} encodes to no tokens")
-    return list(ids)
-
-
 def fit_prompts(examples, split: str, task, tokenizer, template: str, context: int,
                 on_error: str) -> tuple[list, int]:
     """(the examples whose prompt leaves room for at least one response token in a `context`-token
@@ -97,7 +89,7 @@ def fit_prompts(examples, split: str, task, tokenizer, template: str, context: i
     example, unless `on_error` is "skip"."""
     kept = []
     for ex in examples:
-        n = len(encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template))
+        n = len(prompt_ids(task, ex, tokenizer, template))
         if n < context:
             kept.append(ex)
         elif on_error != "skip":
@@ -140,18 +132,18 @@ def generate_episodes(engine, task, examples, tokenizer, params: list[SamplingPa
     steps, in order (group id = the example's position), and the seconds spent generating and
     grading. With `keep_alive` every episode holds its engine `handle`; the caller releases them
     (here too, when grading fails)."""
-    prompts = [encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template) for ex in examples]
+    prompts = [prompt_ids(task, ex, tokenizer, template) for ex in examples]
     start = time.perf_counter()
     outputs = engine.generate(prompts, params, keep_alive=keep_alive)
     timings = {"generation": time.perf_counter() - start}
     start = time.perf_counter()
     try:
         episodes = []
-        for group_id, (example, prompt_ids, group) in enumerate(zip(examples, prompts, outputs)):
+        for group_id, (example, prompt, group) in enumerate(zip(examples, prompts, outputs)):
             for c in group:
                 text = decode_response(tokenizer, c.token_ids)
                 episodes.append(Episode(
-                    example_id=str(example.id), group_id=group_id, prompt_ids=list(prompt_ids),
+                    example_id=str(example.id), group_id=group_id, prompt_ids=list(prompt),
                     response_ids=list(c.token_ids), engine_logprobs=list(c.logprobs),
                     finish_reason=c.finish_reason, text=text,
                     reward=score(task, text, example, c.finish_reason),

@@ -14,7 +14,7 @@ import json
 import os
 
 from vineppo.settings import set_field
-from vineppo.task_config import TaskConfig
+from vineppo.tasks import TaskConfig
 
 SFT_SETTINGS_FILE = "sft_settings.json"   # written by vineppo.sft beside the checkpoint
 RUN_CONFIG_FILE = "config.json"           # written by vineppo.train into the run folder

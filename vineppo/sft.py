@@ -27,12 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vineppo.models import build_model_from_config, load_policy, tiny_model_config
-from vineppo.rollout import encode_prompt
 from vineppo.saved_task import SFT_SETTINGS_FILE
 from vineppo.scoring import autocast
 from vineppo.settings import check_settings, setting
-from vineppo.task_config import TaskConfig, load_task_from_config
-from vineppo.tasks import build_synthetic_tokenizer
+from vineppo.tasks import TaskConfig, build_synthetic_tokenizer, load_task_from_config, prompt_ids
 
 LOG_FILE = "sft_log.json"
 
@@ -126,7 +124,7 @@ def encode_examples(task, examples, tokenizer, template: str, max_length: int) -
         raise ValueError("SFT needs a tokenizer with an eos token (the model must learn to stop)")
     out = []
     for ex in examples:
-        prompt = encode_prompt(tokenizer, task.prompt(ex, tokenizer, template), template)
+        prompt = prompt_ids(task, ex, tokenizer, template)
         target = tokenizer(task.sft_target(ex), add_special_tokens=False)["input_ids"] + [eos]
         ids = (prompt + target)[:max_length] if max_length else prompt + target
         if len(ids) > len(prompt):

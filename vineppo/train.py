@@ -33,7 +33,7 @@ from vineppo.metrics import RunLog
 from vineppo.models import ValueModel, load_policy, resolve_dtype, resolve_model_name
 from vineppo.rollout import fit_prompts
 from vineppo.sft import cache_dir_of, ensure_sft_checkpoint, job_from_train_config
-from vineppo.task_config import load_task_from_config
+from vineppo.tasks import load_task_from_config
 from vineppo.trainer import Interrupted, Run, StopRequest, TrainState, restore, train
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         with stop_on_signals(stop):
             try:
                 run, state = build_run(cfg, ctx, start_time=start)
-            except ValueError as exc:   # bad data or model, found before any training
+            except (ValueError, ImportError) as exc:   # bad data or model, or a missing package
                 print(f"error: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
             try:

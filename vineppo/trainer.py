@@ -95,6 +95,7 @@ def iteration(run: Run, state: TrainState) -> dict:
 
     # 1. this rank's share of the iteration's prompts
     examples = iteration_prompts(run, it)
+    run.task.grader_stats()   # start the grading counts afresh (evaluation reads its own)
     # 2. N responses per prompt, graded and split into steps; for VinePPO, K continuations from
     #    every step boundary give the Monte Carlo values V(s_t)
     result = collect_rollouts(run.engine, run.task, examples, run.tokenizer, cfg.rollout,
@@ -133,7 +134,7 @@ def iteration(run: Run, state: TrainState) -> dict:
     with _timed(timings, "weight_sync"):
         sync_weights(run)
 
-    out = metrics.iteration_metrics(result, raw_advantages, returns, values, mask, ctx)
+    out = metrics.iteration_metrics(result, run.task.grader_stats(), raw_advantages, returns, values, mask, ctx)
     state.episodes += out["episodes"]
     out.update(agreement)
     out.update(update)
@@ -141,6 +142,9 @@ def iteration(run: Run, state: TrainState) -> dict:
                 "optim/skipped_updates": state.nan_skips})
     out.update({f"time/{k}": v for k, v in timings.items()})
     run.log.samples(it + 1, result.episodes, raw_advantages, run.tokenizer, cfg.run.num_logged_samples)
+    if out["grader/timed_out"]:
+        run.log.print(f"iteration {it + 1}: {out['grader/timed_out']} of {out['grader/graded']} gradings ran out "
+                      f"of the grader's budget twice and scored 0")
     out["time/iteration"] = time.perf_counter() - start
     return out
 
@@ -348,12 +352,14 @@ def evaluate(run: Run) -> dict:
                                temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens,
                                template=cfg.rollout.template, first_index=bounds[ctx.rank])
+    counts = run.task.grader_stats()
     parts = all_gather_object({k: v for k, v in res.items() if isinstance(v, (int, float))}, ctx)
     total = sum(p.get("num_problems", 0) for p in parts)
     out = {"num_problems": total, "time/eval": time.perf_counter() - start}
     for key in parts[0]:
         if key != "num_problems":
             out[key] = sum(p[key] * p.get("num_problems", 0) for p in parts) / max(total, 1)
+    out["grader_timed_out"] = sum(all_gather_object(counts.timed_out, ctx))
     return {f"eval/{k}" if not k.startswith("time/") else k: v for k, v in out.items()}
 
 
