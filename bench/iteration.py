@@ -1,6 +1,6 @@
 """One VinePPO and one PPO training iteration at Rho-1B / TinyLlama-1.1B shapes, phase by phase.
 
-Each iteration is the trainer's own (`vineppo.trainer.Trainer.iteration`): N responses per prompt
+Each iteration is the trainer's own (`vineppo.trainer.iteration`): N responses per prompt
 from the engine, K Monte Carlo continuations from every step boundary (VinePPO), old and
 reference logprobs (and the critic's values for PPO), `ppo.epochs` of PPO-clip minibatch updates,
 and the new weights back into the engine. The settings are the paper's (`--preset gsm8k-rho1b`:
@@ -27,7 +27,6 @@ FLOPs are not counted).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vineppo.tasks import Example, Task  # noqa: E402
+from vineppo.tasks import Example, Grade, Task  # noqa: E402
 
 SHAPES = {  # random-weight Llama shapes: what an iteration costs depends only on these
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -85,8 +84,8 @@ class FixedStepsTask(Task):
     def prompt(self, example: Example, tokenizer=None, template: str = "plain") -> str:
         return example.question
 
-    def grade(self, response: str, example: Example) -> float:
-        return 0.0
+    def _grade(self, response: str, example: Example) -> Grade:
+        return Grade(0.0)
 
     def _split(self, response: str) -> list[str]:
         n = self.max_steps
@@ -142,47 +141,29 @@ def train_args(args, algo: str, device: str) -> list[str]:
 
 
 def run_iteration(cfg, policy, tokenizer, task) -> dict:
-    """One training iteration, built as `vineppo.train.build_trainer` builds a one-process run.
+    """One training iteration of a one-process run, as `vineppo.train` runs it.
 
-    All that this benchmark uses of the trainer is here: `train.resolve_dtypes`,
-    `models.ValueModel.from_policy`, `distributed.init_distributed` and
-    `enable_activation_checkpointing`, `trainer.Trainer(...)` and `Trainer.iteration(0)` (which
-    runs `rollout.collect_rollouts`, `rollout.to_rollout_batch`, `Trainer.update` and
-    `Trainer.sync_weights`); its metrics carry the phase times (`time/...`) and token counts.
+    All that this benchmark uses of the trainer is here: `train.assemble_run` (the Run around the
+    policy: reference model, critic, engine, learners) and `trainer.iteration` (which runs
+    `rollout.collect_rollouts`, scoring, the advantages, `learner.ppo_update` and the weight
+    sync); its metrics carry the phase times (`time/...`) and token counts.
     """
-    from vineppo.distributed import enable_activation_checkpointing, init_distributed
-    from vineppo.engine import Engine, EngineConfig
-    from vineppo.models import ValueModel
-    from vineppo.train import resolve_dtypes
-    from vineppo.trainer import Trainer
+    from vineppo.distributed import init_distributed
+    from vineppo.train import assemble_run
+    from vineppo.trainer import TrainState, iteration
 
     ctx = init_distributed(cfg.run.device)
-    engine_dtype, compute_dtype = resolve_dtypes(cfg, ctx.device)
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.ppo.kl_coef > 0 else None
-    value_model = ValueModel.from_policy(policy, head_seed=cfg.seed).eval() if cfg.algo == "ppo" else None
-    gpu = ctx.device.type == "cuda"
-    if cfg.dist.activation_checkpointing == "on" or (cfg.dist.activation_checkpointing == "auto" and gpu):
-        for m in (policy, value_model):
-            if m is not None:
-                enable_activation_checkpointing(m)
-    e = cfg.engine
-    engine = Engine(policy, tokenizer, EngineConfig(
-        page_size=e.page_size, num_pages=e.num_pages or None, memory_fraction=e.memory_fraction,
-        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        dtype=str(engine_dtype).replace("torch.", ""), device=str(ctx.device),
-        use_cuda_graphs=e.use_cuda_graphs, tree_decode=e.tree_decode))
-    warm_up(engine, policy, task, tokenizer, cfg, compute_dtype)
-    trainer = Trainer(cfg, ctx, policy=policy, engine=engine, engine_model=policy, tokenizer=tokenizer,
-                      task=task, ref_model=ref_model, value_model=value_model,
-                      run_dir=tempfile.mkdtemp(prefix="bench-iteration-"), logger=None, samples=None,
-                      param_dtype=compute_dtype)
+    run = assemble_run(cfg, ctx, policy, tokenizer, task, tempfile.mkdtemp(prefix="bench-iteration-"))
+    engine = run.engine
+    warm_up(engine, policy, task, tokenizer, cfg, run.compute_dtype)
     steps, tree_steps = engine.num_steps, engine.num_tree_steps
     _sync(ctx.device)
-    metrics = trainer.iteration(0)
+    metrics = iteration(run, TrainState())
     _sync(ctx.device)
     metrics.update({"engine/num_pages": engine.num_pages, "engine/steps": engine.num_steps - steps,
                     "engine/tree_decode_steps": engine.num_tree_steps - tree_steps})
     engine.release()
+    run.log.close()
     return metrics
 
 

@@ -118,7 +118,6 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
         if ckpt is None:
             raise ValueError(f"--resume {cfg.run.resume}: no complete checkpoint in {cfg.run.resume}/checkpoints")
 
-    engine_dtype, compute_dtype = resolve_dtypes(cfg, ctx.device)
     model_path, gguf_file = resolve_model_path(cfg, ctx)
     policy, tokenizer = load_policy(model_path, dtype=torch.float32, gguf_file=gguf_file)
     policy.to(ctx.device)
@@ -140,6 +139,18 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
             print(f"skipped {skipped} train and {skipped_test} test problems whose prompt leaves no room for a "
                   f"response in the {context}-token context (--task.on_error skip)", flush=True)
 
+    run = assemble_run(cfg, ctx, policy, tokenizer, task, run_dir, ckpt=ckpt, train_examples=train_examples,
+                       test_examples=test_examples, start_time=start_time)
+    state = restore(run, ckpt) if ckpt is not None else TrainState()
+    return run, state
+
+
+def assemble_run(cfg: TrainConfig, ctx: DistContext, policy, tokenizer, task, run_dir: str, *,
+                 ckpt: str | None = None, train_examples: list | None = None, test_examples: list | None = None,
+                 start_time: float = 0.0) -> Run:
+    """A `Run` around a loaded float32 policy on ``ctx.device``: the reference model and critic
+    it needs, checkpoint weights (`ckpt`), sharding, the engine, the learners and the logs."""
+    engine_dtype, compute_dtype = resolve_dtypes(cfg, ctx.device)
     ref_model = None
     if cfg.ppo.kl_coef > 0:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -175,14 +186,13 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
 
     steps = total_optimizer_steps(cfg.ppo, cfg.rollout.num_prompts * cfg.rollout.num_samples)
     resume_it = checkpoint.read_trainer_state(ckpt).iteration if ckpt is not None else None
-    run = Run(cfg=cfg, ctx=ctx, policy=Learner.create(policy, cfg.ppo.lr, cfg.ppo, steps),
-              critic=Learner.create(value_model, cfg.ppo.value_lr, cfg.ppo, steps) if value_model else None,
-              ref_model=ref_model, engine=engine, engine_model=engine_model, tokenizer=tokenizer, task=task,
-              train_examples=train_examples, test_examples=test_examples,
-              run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it),
-              compute_dtype=compute_dtype, start_time=start_time)
-    state = restore(run, ckpt) if ckpt is not None else TrainState()
-    return run, state
+    return Run(cfg=cfg, ctx=ctx, policy=Learner.create(policy, cfg.ppo.lr, cfg.ppo, steps),
+               critic=Learner.create(value_model, cfg.ppo.value_lr, cfg.ppo, steps) if value_model else None,
+               ref_model=ref_model, engine=engine, engine_model=engine_model, tokenizer=tokenizer, task=task,
+               train_examples=task.train if train_examples is None else train_examples,
+               test_examples=task.test if test_examples is None else test_examples,
+               run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it),
+               compute_dtype=compute_dtype, start_time=start_time)
 
 
 def main(argv: list[str] | None = None) -> dict:
