@@ -128,7 +128,7 @@ def test_pages_released_when_grading_fails(policy, task):
         def __getattr__(self, name):
             return getattr(task, name)
 
-        def split_steps(self, response):
+        def split_steps(self, response, max_steps=None):
             raise RuntimeError("splitter failed")
 
     with pytest.raises(RuntimeError, match="splitter failed"):
@@ -211,3 +211,34 @@ def test_rollout_config_validation():
         to_rollout_batch([], pad_token_id=0)
     with pytest.raises(ValueError):
         to_rollout_batch([_episode([1], [2, 3], [1], [0.5])], pad_token_id=0)
+
+
+def test_backfill_cap_estimates_the_first_states_only(policy, task):
+    """value_cap_mode=backfill: the first max_steps states get MC values, every later one the
+    response's reward; merge keeps max_steps evenly spaced states instead."""
+    model, tokenizer = policy
+    engine = _engine(model, tokenizer)
+    merged = collect_rollouts(engine, task, task.test[:4], tokenizer, RolloutConfig(**dict(CFG, max_steps=1)),
+                              seed=SEED, estimate_values=True)
+    full = collect_rollouts(engine, task, task.test[:4], tokenizer, RolloutConfig(**dict(CFG, max_steps=0)),
+                            seed=SEED, estimate_values=True)
+    cfg = RolloutConfig(**dict(CFG, max_steps=1, value_cap_mode="backfill"))
+    back = collect_rollouts(engine, task, task.test[:4], tokenizer, cfg, seed=SEED, estimate_values=True)
+    assert back.num_mc_tokens < full.num_mc_tokens
+    long = 0
+    for m, f, b in zip(merged.episodes, full.episodes, back.episodes):
+        assert b.response_ids == f.response_ids and b.step_offsets == f.step_offsets   # every step kept
+        assert m.step_offsets == [0] and set(m.step_offsets) <= set(f.step_offsets)
+        assert b.step_values[:1] == f.step_values[:1]                  # the same continuations
+        assert b.step_values[1:] == [b.reward] * (b.num_steps - 1)
+        long += b.num_steps > 1
+    assert long > 0
+    assert engine.num_free_pages == engine.num_pages
+
+
+def test_backfilled_states_get_zero_advantage():
+    # 3 steps, only the first estimated (V = 0.25), reward 1: A = (1 - 0.25, 0, 0)
+    episodes = [_episode([1], [3, 4, 5, 6, 7, 8], [0, 2, 4], [0.25, 1.0, 1.0], reward=1.0)]
+    _, batch = to_rollout_batch(episodes, pad_token_id=0)
+    adv, _ = ESTIMATORS["vineppo"].advantages(batch, AdvantageConfig(whiten=False))
+    assert adv[0].tolist() == pytest.approx([0.75, 0.75, 0.0, 0.0, 0.0, 0.0])

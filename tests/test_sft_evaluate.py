@@ -185,3 +185,33 @@ def test_sft_cli_trains_then_reuses(tmp_path, capsys):
     assert os.path.dirname(path) == str(tmp_path) and "2 steps" in capsys.readouterr().out
     mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
     assert main(argv) == path and os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime
+
+
+def test_sft_cut_short_is_continued_to_its_planned_steps(make_sft_job, tmp_path, monkeypatch, capsys):
+    """A wall-clock cap stops SFT early; the next call continues it, and the result equals an
+    uninterrupted SFT bit for bit."""
+    import vineppo.sft as sft_mod
+    from safetensors.torch import load_file
+
+    job = make_sft_job(epochs=1.0, num_examples=64, batch_size=16, max_minutes=1.0)   # 4 planned steps
+    straight = ensure_sft_checkpoint(dataclasses.replace(job, sft=dataclasses.replace(job.sft, max_minutes=0.0)),
+                                     str(tmp_path / "a"), progress=False)
+    clock = {"t": 0.0}
+
+    def fake_clock():   # each step takes 25 s: the 1-minute cap stops SFT after 3 of 4 steps
+        clock["t"] += 25.0
+        return clock["t"]
+    monkeypatch.setattr(sft_mod.time, "perf_counter", fake_clock)
+    cut = ensure_sft_checkpoint(job, str(tmp_path / "b"), progress=False)
+    assert sft_mod.sft_status(cut) == (3, 4, True)
+    assert "stopped after 3 of 4 planned steps" in capsys.readouterr().out
+    monkeypatch.undo()
+    again = ensure_sft_checkpoint(job, str(tmp_path / "b"), progress=False)
+    assert again == cut and "continuing it" in capsys.readouterr().out
+    assert sft_mod.sft_status(cut) == (4, 4, False)
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(straight, LOG_FILE)) as f, open(os.path.join(cut, LOG_FILE)) as g:
+        assert json.load(f)["losses"] == json.load(g)["losses"]
+    ensure_sft_checkpoint(job, str(tmp_path / "b"), progress=False)
+    assert "reusing" in capsys.readouterr().out

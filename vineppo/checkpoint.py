@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from vineppo.models import quiet_transformers
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _NAME_RE = re.compile(r"^iter_(\d+)$")
@@ -134,7 +136,8 @@ def _save_module(module: torch.nn.Module, directory: str, state_dict: dict | Non
     os.makedirs(directory, exist_ok=True)
     if hasattr(module, "save_pretrained"):
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
-        module.save_pretrained(directory, **kwargs)
+        with quiet_transformers():
+            module.save_pretrained(directory, **kwargs)
     else:
         if state_dict is None:
             save_model(module, os.path.join(directory, "model.safetensors"))
@@ -246,7 +249,7 @@ def read_model_state_dict(path: str, subdir: str = "model") -> dict[str, torch.T
     return state
 
 
-def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{where}: unexpected keys in checkpoint: {unexpected[:5]}")
@@ -271,9 +274,9 @@ def load_checkpoint(path: str, model: torch.nn.Module | None = None, optimizer=N
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     if model is not None:
-        _load_module(model, read_model_state_dict(path, "model"), "model")
+        load_module_state(model, read_model_state_dict(path, "model"), "model")
     if value_model is not None:
-        _load_module(value_model, read_model_state_dict(path, "value_model"), "value_model")
+        load_module_state(value_model, read_model_state_dict(path, "value_model"), "value_model")
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler),
                       ("value_optimizer", value_optimizer), ("value_scheduler", value_scheduler)):
         if obj is None:

@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,21 @@ class ModelConfig:
 
     def __post_init__(self):
         check_settings(self)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' own progress bars (loading and writing weights) off inside the block: the
+    commands show one progress display of their own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def tiny_model_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -128,7 +144,8 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-    model = load_causal_lm(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+    with quiet_transformers():
+        model = load_causal_lm(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
     if device is not None:
         model.to(device)
     if tokenizer.pad_token_id is None:

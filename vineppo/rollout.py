@@ -32,6 +32,8 @@ from vineppo.settings import check_settings, setting
 from vineppo.tasks import cap_offsets, decode_response, prompt_ids, step_token_offsets
 from vineppo.tasks.base import TEMPLATES
 
+VALUE_CAP_MODES = ("merge", "backfill")
+
 
 @dataclass
 class RolloutConfig:
@@ -40,7 +42,13 @@ class RolloutConfig:
     num_prompts: int = setting(64, "prompts per iteration (all ranks together)", check=">= 1")
     num_samples: int = setting(8, "trajectories per prompt (N)", check=">= 1")
     mc_rollouts: int = setting(9, "VinePPO: Monte Carlo continuations per step boundary (K)", check=">= 1")
-    max_steps: int = setting(25, "VinePPO: at most this many estimated states per trajectory", check=">= 1")
+    max_steps: int = setting(25, "VinePPO: at most this many estimated states per trajectory (0 = every "
+                             "step's state)", check=">= 0")
+    value_cap_mode: str = setting("merge", "VinePPO, a response with more steps than max_steps: 'merge' keeps "
+                                  "max_steps evenly spaced boundaries (the steps between merge); 'backfill' "
+                                  "estimates the first max_steps states and gives every later state the "
+                                  "response's reward, so later steps get advantage 0 (the paper's code)",
+                                  choices=VALUE_CAP_MODES)
     temperature: float = setting(0.6, "sampling temperature (also divides the training logits)", check="> 0")
     top_p: float = setting(0.9, "nucleus sampling threshold", check="(0, 1]")
     max_tokens: int = setting(1024, "max new tokens per response", check=">= 1")
@@ -116,20 +124,21 @@ def score(task, text: str, example, finish_reason: str) -> float:
 
 
 def response_step_offsets(task, tokenizer, response_ids: list[int], text: str, max_steps: int) -> list[int]:
-    """Token offsets where the (capped) steps of a response start; always begins with 0."""
-    steps = task.split_steps(text)
+    """Token offsets where the steps of a response start, always beginning with 0; with
+    `max_steps` > 0, merged down to that many evenly spaced boundaries."""
     if not response_ids or not text:
         return [0]
-    offsets = step_token_offsets(tokenizer, response_ids, steps)
+    offsets = step_token_offsets(tokenizer, response_ids, task.split_steps(text, max_steps=0))
     # a step with no token of its own (inside a token of the step before) is no state of its own;
     # an offset at the very end would be an empty step
-    return cap_offsets([o for o in offsets if o < len(response_ids)], max_steps)
+    offsets = sorted({o for o in offsets if o < len(response_ids)} | {0})
+    return cap_offsets(offsets, max_steps) if max_steps > 0 else offsets
 
 
 def generate_episodes(engine, task, examples, tokenizer, params: list[SamplingParams], template: str,
                       max_steps: int, keep_alive: bool) -> tuple[list[Episode], dict[str, float]]:
-    """`params[i].n` responses to each example, decoded, graded and split into at most `max_steps`
-    steps, in order (group id = the example's position), and the seconds spent generating and
+    """`params[i].n` responses to each example, decoded, graded and split into steps (merged down to
+    at most `max_steps`; 0 = every step), in order (group id = the example's position), and the seconds spent generating and
     grading. With `keep_alive` every episode holds its engine `handle`; the caller releases them
     (here too, when grading fails)."""
     prompts = [prompt_ids(task, ex, tokenizer, template) for ex in examples]
@@ -204,24 +213,35 @@ def collect_rollouts(engine, task, examples, tokenizer, cfg: RolloutConfig, seed
     if not examples:
         raise ValueError("collect_rollouts needs at least one example")
     params = per_prompt_params(cfg.sampling(seed, n=cfg.num_samples), len(examples))
+    merge_to = cfg.max_steps if cfg.value_cap_mode == "merge" else 0
     episodes, timings = generate_episodes(engine, task, examples, tokenizer, params, cfg.template,
-                                          cfg.max_steps, keep_alive=estimate_values)
+                                          merge_to, keep_alive=estimate_values)
     timings["mc_rollouts"] = 0.0
     num_mc_tokens = 0
     try:
         if estimate_values:
             start = time.perf_counter()
+            estimated = [estimated_states(e, cfg) for e in episodes]
             rewards, num_mc_tokens = state_rewards(engine, task, tokenizer, examples, episodes,
-                                                   [e.step_offsets for e in episodes], cfg.mc_rollouts,
-                                                   cfg.sampling(seed))
-            for e, per_state in zip(episodes, rewards):
-                e.step_values = mc_step_values(per_state)
+                                                   [e.step_offsets[:n] for e, n in zip(episodes, estimated)],
+                                                   cfg.mc_rollouts, cfg.sampling(seed))
+            for e, n, per_state in zip(episodes, estimated, rewards):
+                # past the cap (backfill), a state's value is the return the response realised
+                e.step_values = mc_step_values(per_state) + [e.reward] * (e.num_steps - n)
             timings["mc_rollouts"] = time.perf_counter() - start
     finally:
         release(episodes, engine)
     return RolloutResult(episodes=episodes, timings=timings,
                          num_generated_tokens=sum(len(e.response_ids) for e in episodes),
                          num_mc_tokens=num_mc_tokens)
+
+
+def estimated_states(episode: Episode, cfg: RolloutConfig) -> int:
+    """How many of an episode's states get MC values: all under "merge" (the steps were merged
+    down to max_steps), the first max_steps under "backfill"."""
+    if cfg.value_cap_mode == "backfill" and cfg.max_steps > 0:
+        return min(cfg.max_steps, episode.num_steps)
+    return episode.num_steps
 
 
 def step_ids_of(step_offsets: list[int], length: int) -> list[int]:

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from vineppo.models import build_model_from_config, load_policy, tiny_model_config
+from vineppo.checkpoint import load_module_state, read_model_state_dict
+from vineppo.models import build_model_from_config, load_policy, quiet_transformers, tiny_model_config
 from vineppo.saved_task import SFT_SETTINGS_FILE
 from vineppo.scoring import autocast
 from vineppo.settings import check_settings, setting
 from vineppo.tasks import TaskConfig, build_synthetic_tokenizer, load_task_from_config, prompt_ids
 
 LOG_FILE = "sft_log.json"
+PROGRESS_FILE = "sft_progress.pt"   # only in a checkpoint that stopped short of its planned steps
 
 
 @dataclass
@@ -154,9 +156,11 @@ def sft_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def run_sft(job: SFTJob, output_dir: str, device: str = "", progress: bool = True) -> str:
+def run_sft(job: SFTJob, output_dir: str, device: str = "", progress: bool = True, resume: bool = False) -> str:
     """Trains and saves (model, tokenizer, job, loss log) into `output_dir`; returns that path.
-    The folder appears atomically when done."""
+    The folder appears atomically when saved. With `resume`, a checkpoint there that stopped short
+    of its planned steps (``sft.max_minutes``) goes on from where it stopped, exactly as if it had
+    never stopped."""
     from transformers import get_cosine_schedule_with_warmup
 
     s = job.sft
@@ -176,13 +180,16 @@ def run_sft(job: SFTJob, output_dir: str, device: str = "", progress: bool = Tru
     gen = torch.Generator().manual_seed(s.seed)
     order: list[int] = []
     losses: list[float] = []
+    done, seconds = 0, 0.0
+    if resume:
+        done, seconds, order, losses = _load_progress(output_dir, model, optimizer, scheduler, gen)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     deadline = start + s.max_minutes * 60 if s.max_minutes else math.inf
-    bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=total_steps, initial=done, desc="sft", dynamic_ncols=True, disable=not progress)
     model.train()
-    step = 0
-    for step in range(1, total_steps + 1):
+    step = done
+    for step in range(done + 1, total_steps + 1):
         if len(order) < s.batch_size:
             order += torch.randperm(len(data), generator=gen).tolist()
         batch, order = [data[i] for i in order[:s.batch_size]], order[s.batch_size:]
@@ -197,21 +204,60 @@ def run_sft(job: SFTJob, output_dir: str, device: str = "", progress: bool = Tru
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline and step < total_steps:
+            bar.write(f"SFT stopped after {step} of {total_steps} planned steps (sft.max_minutes "
+                      f"{s.max_minutes}); the next run continues it")
             break
     bar.close()
     model.eval()
-    log = {"steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - start,
+    log = {"steps": step, "total_steps": total_steps, "seconds": seconds + time.perf_counter() - start,
            "num_examples": len(data), "losses": losses}
-    _save_atomically(model, tokenizer, job, log, output_dir)
+    progress_state = None
+    if step < total_steps:   # what continuing needs besides the weights
+        progress_state = {"order": order, "generator": gen.get_state(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict()}
+    _save_atomically(model, tokenizer, job, log, output_dir, progress_state)
     return output_dir
 
 
+def _load_progress(path: str, model, optimizer, scheduler, gen) -> tuple[int, float, list[int], list[float]]:
+    """Restores a stopped SFT checkpoint's weights and training state; returns (steps done,
+    seconds spent, the data order left, the losses so far)."""
+    state = torch.load(os.path.join(path, PROGRESS_FILE), weights_only=True)
+    with open(os.path.join(path, LOG_FILE)) as f:
+        log = json.load(f)
+    load_module_state(model, read_model_state_dict(path, ""), path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return log["steps"], log["seconds"], list(state["order"]), list(log["losses"])
+
+
+def sft_status(path: str) -> tuple[int, int, bool] | None:
+    """(steps done, steps planned, can be continued) of the SFT checkpoint at `path`, or None."""
+    if not is_sft_checkpoint(path):
+        return None
+    with open(os.path.join(path, LOG_FILE)) as f:
+        log = json.load(f)
+    return log["steps"], log["total_steps"], os.path.isfile(os.path.join(path, PROGRESS_FILE))
+
+
 def ensure_sft_checkpoint(job: SFTJob, cache_dir: str, device: str = "", progress: bool = True) -> str:
-    """The checkpoint for this job under `cache_dir`: reused when it exists, trained otherwise."""
+    """The checkpoint for this job under `cache_dir`: reused when it did all its planned steps,
+    continued to them when it stopped short, trained otherwise; says which on stdout."""
     path = job.checkpoint_dir(cache_dir)
-    if is_sft_checkpoint(path):
+    status = sft_status(path)
+    if status is not None and status[0] >= status[1]:
+        print(f"SFT: reusing {path} ({status[0]} steps)", flush=True)
         return path
+    if status is not None and status[2]:
+        print(f"SFT: {path} stopped after {status[0]} of {status[1]} planned steps; continuing it", flush=True)
+        return run_sft(job, path, device, progress, resume=True)
+    if status is not None:
+        print(f"SFT: {path} stopped after {status[0]} of {status[1]} planned steps and cannot be continued; "
+              f"training it again", flush=True)
+    else:
+        print(f"SFT: training {path}", flush=True)
     return run_sft(job, path, device, progress)
 
 
@@ -219,13 +265,16 @@ def is_sft_checkpoint(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, f)) for f in (SFT_SETTINGS_FILE, "config.json"))
 
 
-def _save_atomically(model, tokenizer, job: SFTJob, log: dict, output_dir: str) -> None:
+def _save_atomically(model, tokenizer, job: SFTJob, log: dict, output_dir: str, progress_state: dict | None) -> None:
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if progress_state is not None:
+        torch.save(progress_state, os.path.join(tmp, PROGRESS_FILE))
     with open(os.path.join(tmp, LOG_FILE), "w") as f:
         json.dump(log, f)
     with open(os.path.join(tmp, SFT_SETTINGS_FILE), "w") as f:
