@@ -215,3 +215,32 @@ def test_sft_cut_short_is_continued_to_its_planned_steps(make_sft_job, tmp_path,
         assert json.load(f)["losses"] == json.load(g)["losses"]
     ensure_sft_checkpoint(job, str(tmp_path / "b"), progress=False)
     assert "reusing" in capsys.readouterr().out
+
+
+def test_majority_vote_and_pass_at_n():
+    from vineppo.evaluate import majority_vote
+
+    assert majority_vote(["3", "4", "4", None], [0.0, 1.0, 1.0, 0.0]) == 1.0
+    assert majority_vote(["3", "4", "3", "4"], [0.0, 1.0, 0.0, 1.0]) == 0.0     # tie: the first sampled
+    assert majority_vote([None, None], [0.0, 0.0]) == 0.0
+
+
+def test_evaluate_reports_majority_and_pass_at_n(sft):
+    _, model, tokenizer, _, task = sft
+    engine = Engine(model, tokenizer, EngineConfig(num_pages=256, page_size=8))
+    result = evaluate(engine, task, task.test[:6], tokenizer, n=4, temperature=1.0, top_p=1.0, max_tokens=48,
+                      seed=1)
+    assert result["accuracy"] <= result["pass@4"] and 0.0 <= result["majority"] <= result["pass@4"]
+    assert result["pass@4"] == pytest.approx(sum(p > 0 for p in result["per_problem"]) / 6)
+
+
+def test_paper_protocol_fixes_the_sampling(sft, capsys):
+    from vineppo.evaluate import _parse_args
+
+    args = _parse_args(["--model", "m", "--protocol", "paper"])
+    assert (args.n, args.temperature, args.top_p, args.max_tokens, args.split, args.limit) == \
+        (16, 0.35, 0.9, 1024, "test", 0)
+    assert _parse_args(["--model", "m"]).max_tokens == 512
+    with pytest.raises(SystemExit):
+        _parse_args(["--model", "m", "--protocol", "paper", "--n", "4"])
+    assert "--protocol paper fixes --n 16" in capsys.readouterr().err

@@ -51,7 +51,9 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     derived from `seed` and ``first_index + i`` (its position in the whole test set, so a sharded
     evaluation draws what a single process would).
 
-    Returns {"accuracy", "pass@1" (the same number), "num_problems", "num_samples",
+    Returns {"accuracy", "pass@1" (the same number), "majority" (accuracy of the most common final
+    answer of each problem's samples, `Task.final_answer`; ties go to the answer sampled first),
+    f"pass@{n}" (a problem counts when any sample is right), "num_problems", "num_samples",
     "mean_response_tokens", "truncated_fraction", "seconds", "per_problem" (fraction correct of
     each problem, in order), "accuracy_by" (see :func:`accuracy_by_meta`)} and, for one greedy
     sample per problem, "greedy_pass@1". A response cut off by `max_tokens` counts as wrong.
@@ -65,18 +67,24 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     params = per_prompt_params(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                               n=n, seed=seed), len(prompts), first_index)
     outputs = engine.generate(prompts, params, progress=progress)
-    per_problem, lengths, truncated = [], [], 0
+    per_problem, majority, any_right, lengths, truncated = [], [], [], [], 0
     for example, group in zip(examples, outputs):
-        rewards = []
+        rewards, answers = [], []
         for c in group:
-            rewards.append(score(task, decode_response(tokenizer, c.token_ids), example, c.finish_reason))
+            text = decode_response(tokenizer, c.token_ids)
+            rewards.append(score(task, text, example, c.finish_reason))
+            answers.append(task.final_answer(text) if c.finish_reason != "length" else None)
             lengths.append(len(c.token_ids))
             truncated += c.finish_reason == "length"
         per_problem.append(sum(rewards) / len(rewards))
+        majority.append(majority_vote(answers, rewards))
+        any_right.append(float(max(rewards) > 0))
     accuracy = sum(per_problem) / len(per_problem)
     result = {
         "accuracy": accuracy,
         "pass@1": accuracy,
+        "majority": sum(majority) / len(majority),
+        f"pass@{n}": sum(any_right) / len(any_right),
         "num_problems": len(examples),
         "num_samples": n,
         "mean_response_tokens": sum(lengths) / len(lengths),
@@ -88,6 +96,20 @@ def evaluate(engine, task, examples, tokenizer, n: int, temperature: float, top_
     if n == 1 and temperature == 0:
         result["greedy_pass@1"] = accuracy
     return result
+
+
+def majority_vote(answers: list[str | None], rewards: list[float]) -> float:
+    """The reward of the most common final answer among samples (None: no answer, never a
+    candidate; ties go to the answer sampled first); 0 when no sample has an answer."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return 0.0
+    best = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == best)
+    return rewards[answers.index(winner)]
 
 
 def accuracy_by_meta(examples, per_problem: list[float], max_groups: int = 20) -> dict:
@@ -109,12 +131,15 @@ def _parse_args(argv):
                    "'smollm2' for the packaged SmolLM2-135M-Instruct")
     p.add_argument("--task", default=None, help="synthetic | gsm8k | math (default: the checkpoint's, else gsm8k)")
     p.add_argument("--data", default=None, help="local data folder/file or hub dataset (gsm8k / math)")
-    p.add_argument("--split", default="test", choices=("test", "train"))
-    p.add_argument("--n", type=int, default=16, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.35)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
+    p.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="paper: the paper's evaluation (16 samples per test problem at T=0.35, top-p 0.9, "
+                        "1,024 tokens, every test problem); sampling options must then agree with it")
+    p.add_argument("--split", default=None, choices=("test", "train"), help="default: test")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0.35")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.9")
+    p.add_argument("--max-tokens", type=int, default=None, help="default 512 (1,024 under --protocol paper)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems (default 0 = all)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model when it is a folder")
     p.add_argument("--template", default=None, choices=("plain", "chat"),
                    help="prompt format (default: the checkpoint's, else plain)")
@@ -128,7 +153,20 @@ def _parse_args(argv):
     p.add_argument("--num-pages", type=int, default=0, help="KV cache pages (0 = engine default)")
     p.add_argument("--output", default=None, help="write the summary (and per-problem scores) as JSON")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fixed = PROTOCOLS.get(args.protocol, {})
+    for name, value in dict(DEFAULTS, **fixed).items():
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, value)
+        elif name in fixed and given != value:
+            p.error(f"--protocol {args.protocol} fixes --{name.replace('_', '-')} {value}; got {given}")
+    return args
+
+
+# Sampling settings of the evaluation CLI, and the protocols that fix them.
+DEFAULTS = dict(split="test", n=16, temperature=0.35, top_p=0.9, max_tokens=512, limit=0)
+PROTOCOLS = {"paper": dict(split="test", n=16, temperature=0.35, top_p=0.9, max_tokens=1024, limit=0)}
 
 
 @dataclass
@@ -173,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['num_problems']} problems x {args.n} samples (T={args.temperature}, top-p={args.top_p}); "
           f"mean response {result['mean_response_tokens']:.0f} tokens, "
           f"{100 * result['truncated_fraction']:.1f}% truncated, {result['seconds']:.1f}s")
+    print(f"  mean per-sample accuracy {100 * result['accuracy']:.2f}%, majority vote {100 * result['majority']:.2f}%, "
+          f"pass@{args.n} {100 * result[f'pass@{args.n}']:.2f}%" + (f" (protocol {args.protocol})" if args.protocol else ""))
     for key, by_value in result["accuracy_by"].items():
         print(f"  by {key}: " + ", ".join(f"{v} {100 * acc:.1f}% ({count})" for v, (acc, count) in by_value.items()))
     if args.output:

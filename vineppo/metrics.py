@@ -86,6 +86,8 @@ METRICS_SCHEMA: dict[str, str] = {
     # evaluation lines (iteration 0 and every eval interval; may share a line with training keys)
     "eval/accuracy": "test accuracy: mean over problems and samples",
     "eval/pass@1": "pass@1 over the eval samples",
+    "eval/majority": "accuracy of each problem's most common final answer over its eval samples",
+    "eval/pass@<n>": "fraction of problems with at least one right answer among their n eval samples",
     "eval/num_problems": "test problems evaluated",
     "eval/grader_timed_out": "test responses graded 0 because the grader ran out of its budget twice",
     "time/eval": "seconds evaluating (not counted in wall_clock_s)",

@@ -97,6 +97,11 @@ class Task:
         self._stats.retried += g.retried
         return g.reward
 
+    def final_answer(self, response: str) -> str | None:
+        """The response's final answer in a normal form, for majority voting over samples (two
+        responses with the same final answer get the same grade); None when it has none."""
+        return None
+
     def grader_stats(self) -> GraderStats:
         """The grading counts since the last call (see the class docstring)."""
         stats, self._stats = self._stats, GraderStats()

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from vineppo.tasks.base import Example, Grade, Task
-from vineppo.tasks.grading import gold_number, grade_gsm8k
+from vineppo.tasks.grading import extract_gsm8k_answer, gold_number, grade_gsm8k
 from vineppo.tasks.steps import split_newline_steps
 
 HUB_NAME = "openai/gsm8k"
@@ -54,6 +54,10 @@ class GSM8KTask(Task):
 
     def _split(self, response: str) -> list[str]:
         return split_newline_steps(response)
+
+    def final_answer(self, response: str) -> str | None:
+        value = extract_gsm8k_answer(response, self.fallback_last_number)
+        return None if value is None else str(value)
 
 
 GSM8K_CHAT_INSTRUCTION = (

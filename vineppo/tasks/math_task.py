@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vineppo.tasks.base import Example, Grade, Task
 from vineppo.tasks.config import SPLITTERS
-from vineppo.tasks.math_grader import DEFAULT_TIME_LIMIT, judge_math, last_boxed, readable_gold
+from vineppo.tasks.math_grader import DEFAULT_TIME_LIMIT, extract_math_answer, judge_math, last_boxed, readable_gold
 from vineppo.tasks.paper_steps import split_paper_math_steps
 from vineppo.tasks.steps import split_math_steps
 
@@ -76,3 +76,7 @@ class MathTask(Task):
 
     def _split(self, response: str) -> list[str]:
         return _SPLIT[self.splitter](response)
+
+    def final_answer(self, response: str) -> str | None:
+        answer = extract_math_answer(response)
+        return None if answer is None else "".join(answer.split())

@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass
 
 from vineppo.tasks.base import Example, Grade, Task
-from vineppo.tasks.grading import grade_integer
+from vineppo.tasks.grading import extract_final_integer, grade_integer
 from vineppo.tasks.steps import split_newline_steps
 
 _MAX_ATTEMPTS_PER_PROBLEM = 50
@@ -182,6 +182,10 @@ class SyntheticTask(Task):
 
     def _split(self, response: str) -> list[str]:
         return split_newline_steps(response)
+
+    def final_answer(self, response: str) -> str | None:
+        value = extract_final_integer(response)
+        return None if value is None else str(value)
 
 
 def load_synthetic(seed: int = 0, max_steps: int = 25, **knobs) -> SyntheticTask:
