@@ -104,6 +104,13 @@ def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward)
     samples = [json.loads(l) for l in open(tmp_path / "run" / "samples.jsonl")]
     assert samples and all(len(s["steps"]) == len(s["step_advantages"]) for s in samples)
     assert os.path.isfile(tmp_path / "run" / "config.yaml")
+    if algo == "grpo":   # the final policy folder loads with plain transformers and equals the trained weights
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+        AutoTokenizer.from_pretrained(tmp_path / "run" / "policy")
+        trained = run.policy.model.state_dict()
+        assert all(torch.equal(v, trained[k]) for k, v in final.state_dict().items())
 
 
 def test_engine_ratio_under_top_p(tiny_model_dir, tmp_path, parity_reward):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from vineppo.learner import Learner, Minibatch, TrainingStopped, ppo_update
 from vineppo.rollout import collect_rollouts, pad_right, to_rollout_batch
 from vineppo.settings import check_settings, setting
 
+POLICY_DIR = "policy"
 # Metrics that legitimately differ between two runs of the same config (wall-clock measurements).
 TIMING_PREFIXES = ("time/", "wall_clock_s", "throughput/")
 
@@ -312,7 +314,28 @@ def train(run: Run, state: TrainState, stop: StopRequest | None = None) -> dict:
         run.log.print(f"iteration {state.iteration}: test accuracy {last_eval['eval/accuracy']:.3f}")
     if state.last_saved_iteration != state.iteration:
         save(run, state)
+    if run.ctx.is_main:
+        path = publish_policy(run.run_dir)
+        run.log.print(f"final policy: {path} (AutoModelForCausalLM.from_pretrained loads it, tokenizer beside it)")
     return last_eval
+
+
+def publish_policy(run_dir: str) -> str:
+    """``<run_dir>/policy``: the latest checkpoint's model folder (weights and tokenizer), hard-linked
+    where the filesystem allows, so it costs no space beside the checkpoint it comes from."""
+    source = os.path.join(checkpoint.latest_checkpoint(run_dir), "model")
+    target = os.path.join(run_dir, POLICY_DIR)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(source):
+        try:
+            os.link(os.path.join(source, name), os.path.join(tmp, name))
+        except OSError:
+            shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
 
 
 def _stop_requested(run: Run, stop: StopRequest | None) -> bool:
