@@ -107,3 +107,31 @@ def short_sft(tmp_path_factory):
 def make_sft_job():
     """`sft_job`: the short SFT's job with other SFTConfig values."""
     return sft_job
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama with the synthetic task's tokenizer, saved like an SFT checkpoint."""
+    model, tok = build_synthetic_lm()
+    path = str(tmp_path_factory.mktemp("tiny_model"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def small_args(model_dir, run_dir, algo="vineppo", *extra):
+    """`python -m vineppo.train` arguments of a 2-iteration run on the tiny random model."""
+    return ["--model.name", model_dir, "--sft.enabled", "false", "--algo", algo, "--run.run_dir", str(run_dir),
+            "--task.num_train", "64", "--task.num_test", "8", "--rollout.num_prompts", "2",
+            "--rollout.num_samples", "4", "--rollout.mc_rollouts", "2", "--rollout.max_steps", "3",
+            "--rollout.max_tokens", "12", "--rollout.top_p", "1.0", "--ppo.num_iterations", "2",
+            "--ppo.minibatch_size", "4", "--ppo.micro_batch_size", "1", "--ppo.lr", "3e-3",
+            "--ppo.value_lr", "3e-3", "--ppo.kl_coef", "0.1", "--eval.limit", "2", "--eval.n", "1",
+            "--eval.every", "0", "--engine.num_pages", "64", "--run.progress", "false", "--run.tensorboard",
+            "false", "--run.save_every", "1", "--run.device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def train_args():
+    """`small_args`."""
+    return small_args

@@ -18,16 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("time/", "wall_clock_s", "eval/seconds")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, synthetic_lm):
-    """A 2-layer random Llama with the synthetic task's tokenizer, saved like an SFT checkpoint."""
-    model, tok = synthetic_lm()
-    path = str(tmp_path_factory.mktemp("tiny_model"))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def parity_reward(monkeypatch):
     """Reward = parity of the response's character codes: a random model earns it half the time,
@@ -35,17 +25,6 @@ def parity_reward(monkeypatch):
     # responses of a random model run into the token budget, which the real reward scores 0
     monkeypatch.setattr("vineppo.rollout.score",
                         lambda task, text, example, finish_reason: float(sum(map(ord, text)) % 2))
-
-
-def small_args(model_dir, run_dir, algo="vineppo", *extra):
-    return ["--model.name", model_dir, "--sft.enabled", "false", "--algo", algo, "--run.run_dir", str(run_dir),
-            "--task.num_train", "64", "--task.num_test", "8", "--rollout.num_prompts", "2",
-            "--rollout.num_samples", "4", "--rollout.mc_rollouts", "2", "--rollout.max_steps", "3",
-            "--rollout.max_tokens", "12", "--rollout.top_p", "1.0", "--ppo.num_iterations", "2",
-            "--ppo.minibatch_size", "4", "--ppo.micro_batch_size", "1", "--ppo.lr", "3e-3",
-            "--ppo.value_lr", "3e-3", "--ppo.kl_coef", "0.1", "--eval.limit", "2", "--eval.n", "1",
-            "--eval.every", "0", "--engine.num_pages", "64", "--run.progress", "false", "--run.tensorboard",
-            "false", "--run.save_every", "1", "--run.device", "cpu", *extra]
 
 
 @dataclass
@@ -74,9 +53,9 @@ def training_lines(run_dir):
 
 
 @pytest.mark.parametrize("algo", ["vineppo", "ppo", "grpo", "rloo"])
-def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward):
+def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward, train_args):
     initial = {k: v.clone() for k, v in train_initial(tiny_model_dir).items()}
-    run = train(small_args(tiny_model_dir, tmp_path / "run", algo)).run
+    run = train(train_args(tiny_model_dir, tmp_path / "run", algo)).run
     lines = training_lines(tmp_path / "run")
     assert [m["iteration"] for m in lines] == [1, 2]
     evals = [m for m in read_metrics(str(tmp_path / "run")) if "eval/accuracy" in m]
@@ -113,9 +92,9 @@ def test_two_iterations_each_algo(algo, tiny_model_dir, tmp_path, parity_reward)
         assert all(torch.equal(v, trained[k]) for k, v in final.state_dict().items())
 
 
-def test_engine_ratio_under_top_p(tiny_model_dir, tmp_path, parity_reward):
+def test_engine_ratio_under_top_p(tiny_model_dir, tmp_path, parity_reward, train_args):
     """With top-p the engine scores tokens within the kept set; the trainer renormalises alike."""
-    train(small_args(tiny_model_dir, tmp_path / "run", "grpo", "--rollout.top_p", "0.8",
+    train(train_args(tiny_model_dir, tmp_path / "run", "grpo", "--rollout.top_p", "0.8",
                      "--ppo.num_iterations", "1"))
     (m,) = training_lines(tmp_path / "run")
     assert m["policy/top_p_log_mass_mean"] < -1e-3        # the filter did cut mass
@@ -128,12 +107,12 @@ def train_initial(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
 
 
-def test_engine_sees_update_in_place(tiny_model_dir, tmp_path, parity_reward):
+def test_engine_sees_update_in_place(tiny_model_dir, tmp_path, parity_reward, train_args):
     """After an iteration, the engine's logprobs of a fixed response equal the updated policy's."""
     from vineppo.engine import SamplingParams
     from vineppo.scoring import token_logprobs
 
-    run = train(small_args(tiny_model_dir, tmp_path / "run", "grpo", "--ppo.num_iterations", "1",
+    run = train(train_args(tiny_model_dir, tmp_path / "run", "grpo", "--ppo.num_iterations", "1",
                            "--eval.at_start", "false")).run
     prompt = [run.tokenizer.bos_token_id or 1] + run.tokenizer("Start with 3.")["input_ids"]
     out = run.engine.generate([prompt], SamplingParams(temperature=0.6, max_tokens=10, seed=5,
@@ -146,9 +125,9 @@ def test_engine_sees_update_in_place(tiny_model_dir, tmp_path, parity_reward):
 
 
 @pytest.mark.parametrize("algo", ["vineppo", "ppo"])
-def test_resume_is_bit_for_bit(algo, tiny_model_dir, tmp_path, parity_reward):
-    straight = train(small_args(tiny_model_dir, tmp_path / "a", algo))
-    train(small_args(tiny_model_dir, tmp_path / "b", algo, "--run.max_iterations", "1"))
+def test_resume_is_bit_for_bit(algo, tiny_model_dir, tmp_path, parity_reward, train_args):
+    straight = train(train_args(tiny_model_dir, tmp_path / "a", algo))
+    train(train_args(tiny_model_dir, tmp_path / "b", algo, "--run.max_iterations", "1"))
     assert len(training_lines(tmp_path / "b")) == 1
     resumed = train(["--resume", str(tmp_path / "b"), "--run.progress", "false", "--run.tensorboard", "false"])
     assert resumed.state.iteration == 2
@@ -175,7 +154,7 @@ def test_resume_is_bit_for_bit(algo, tiny_model_dir, tmp_path, parity_reward):
     assert evals(a) == {k: v for k, v in evals(b).items() if k != 1}
 
 
-def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward, monkeypatch):
+def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward, monkeypatch, train_args):
     from vineppo import algos
     from vineppo.learner import TrainingStopped
 
@@ -188,7 +167,7 @@ def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward,
         return (loss * float("nan") if calls["n"] <= 2 else loss), stats
     monkeypatch.setattr(algos, "policy_loss", flaky)
     # micro-batches 1 and 2 form the first minibatch: one skipped update, then training goes on
-    trained = train(small_args(tiny_model_dir, tmp_path / "ok", "grpo", "--ppo.num_iterations", "1",
+    trained = train(train_args(tiny_model_dir, tmp_path / "ok", "grpo", "--ppo.num_iterations", "1",
                                "--run.max_nan_skips", "3"))
     (line,) = training_lines(tmp_path / "ok")
     assert line["optim/skipped_updates"] == 1 and line["train/grad_steps"] == 3
@@ -196,12 +175,12 @@ def test_nan_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, parity_reward,
 
     monkeypatch.setattr(algos, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     with pytest.raises(TrainingStopped, match="max_nan_skips=2"):
-        train(small_args(tiny_model_dir, tmp_path / "bad", "grpo", "--run.max_nan_skips", "2"))
+        train(train_args(tiny_model_dir, tmp_path / "bad", "grpo", "--run.max_nan_skips", "2"))
 
 
-def test_cli_default_with_budget(tiny_model_dir, tmp_path):
+def test_cli_default_with_budget(tiny_model_dir, tmp_path, train_args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "vineppo.train", *small_args(tiny_model_dir, tmp_path / "cli", "vineppo"),
+    cmd = [sys.executable, "-m", "vineppo.train", *train_args(tiny_model_dir, tmp_path / "cli", "vineppo"),
            "--run.max_iterations", "1", "--eval.at_start", "false"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,7 +192,7 @@ def test_cli_default_with_budget(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and "unknown option --ppo.lrr" in bad.stderr
 
 
-def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, parity_reward, monkeypatch):
+def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, parity_reward, monkeypatch, train_args):
     """run.max_train_minutes counts iterations only (the metrics' wall_clock_s), not evaluation,
     and the run goes on while one more iteration as long as the last one still fits."""
     import vineppo.trainer as trainer_mod
@@ -226,7 +205,7 @@ def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, pari
     monkeypatch.setattr(trainer_mod, "iteration", one_second_iteration)
     monkeypatch.setattr(trainer_mod, "evaluate",
                         lambda run: {"eval/accuracy": 0.0, "eval/num_problems": 0, "time/eval": 100.0})
-    train(small_args(tiny_model_dir, tmp_path / "budget", "grpo", "--ppo.num_iterations", "50",
+    train(train_args(tiny_model_dir, tmp_path / "budget", "grpo", "--ppo.num_iterations", "50",
                      "--eval.every", "1", "--ppo.epochs", "1", "--run.max_minutes", "0",
                      "--run.max_train_minutes", str(3.5 / 60)))
     lines = training_lines(tmp_path / "budget")

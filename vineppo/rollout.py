@@ -91,20 +91,21 @@ class RolloutResult:
 
 
 def fit_prompts(examples, split: str, task, tokenizer, template: str, context: int,
-                on_error: str) -> tuple[list, int]:
+                on_error: str) -> tuple[list, int, int]:
     """(the examples whose prompt leaves room for at least one response token in a `context`-token
-    window, how many were dropped). A prompt that does not fit raises ValueError naming the
-    example, unless `on_error` is "skip"."""
-    kept = []
+    window, how many were dropped, the longest kept prompt's tokens). A prompt that does not fit
+    raises ValueError naming the example, unless `on_error` is "skip"."""
+    kept, longest = [], 0
     for ex in examples:
         n = len(prompt_ids(task, ex, tokenizer, template))
         if n < context:
             kept.append(ex)
+            longest = max(longest, n)
         elif on_error != "skip":
             raise ValueError(f"{split} problem {ex.id}: its prompt has {n} tokens, and the model's context "
                              f"holds {context} (prompt + at least one response token); shorten it, or pass "
                              f"--task.on_error skip to leave such problems out")
-    return kept, len(examples) - len(kept)
+    return kept, len(examples) - len(kept), longest
 
 
 def per_prompt_params(params: SamplingParams, count: int, first_index: int = 0) -> list[SamplingParams]:

@@ -124,11 +124,13 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
     task = load_task_from_config(cfg.task)
     # every prompt must leave room for a response in the context, checked before any work
     context = int(policy.config.max_position_embeddings)
-    train_examples, skipped = fit_prompts(task.train[:cfg.task.max_train] if cfg.task.max_train > 0 else task.train,
-                                          "train", task, tokenizer, cfg.rollout.template, context, cfg.task.on_error)
-    test_examples, skipped_test = fit_prompts(task.test[:cfg.eval.limit] if cfg.eval.limit > 0 else task.test,
-                                              "test", task, tokenizer, cfg.rollout.template, context,
-                                              cfg.task.on_error)
+    train = task.train[:cfg.task.max_train] if cfg.task.max_train > 0 else task.train
+    test = task.test[:cfg.eval.limit] if cfg.eval.limit > 0 else task.test
+    template, on_error = cfg.rollout.template, cfg.task.on_error
+    train_examples, skipped, longest = fit_prompts(train, "train", task, tokenizer, template, context, on_error)
+    test_examples, skipped_test, longest_test = fit_prompts(test, "test", task, tokenizer, template, context,
+                                                            on_error)
+    check_pool(cfg, max(longest, longest_test))
 
     run_dir = make_run_dir(cfg, ctx)
     if ctx.is_main:
@@ -143,6 +145,19 @@ def build_run(cfg: TrainConfig, ctx: DistContext, start_time: float | None = Non
                        test_examples=test_examples, start_time=start_time)
     state = restore(run, ckpt) if ckpt is not None else TrainState()
     return run, state
+
+
+def check_pool(cfg: TrainConfig, longest_prompt: int) -> None:
+    """A KV pool of --engine.num_pages pages must hold one sequence of the longest prompt and a
+    whole response (more sequences than fit at once are preempted and recomputed, never lost)."""
+    pages = cfg.engine.num_pages
+    if not pages:   # sized from memory: tens of thousands of tokens
+        return
+    tokens = longest_prompt + max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
+    need = -(-tokens // cfg.engine.page_size)
+    if need > pages:
+        raise ValueError(f"--engine.num_pages {pages} is too small: the longest prompt ({longest_prompt} tokens) and "
+                         f"a whole response need {need} pages of {cfg.engine.page_size} tokens")
 
 
 def assemble_run(cfg: TrainConfig, ctx: DistContext, policy, tokenizer, task, run_dir: str, *,
