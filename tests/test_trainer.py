@@ -211,3 +211,44 @@ def test_training_time_budget_excludes_evaluation(tiny_model_dir, tmp_path, pari
     lines = training_lines(tmp_path / "budget")
     # 1 + 1 and 2 + 1 seconds fit in 3.5; 3 + 1 does not
     assert [m["wall_clock_s"] for m in lines] == [1.0, 2.0, 3.0]
+
+
+class SlowClock:
+    """A stand-in for the `time` module whose clocks jump ten minutes at every reading: a machine
+    thousands of times slower, or one crowded by other work."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def _tick(self) -> float:
+        self.now += 600.0
+        return self.now
+
+    perf_counter = time = monotonic = _tick
+
+
+def test_same_seed_same_metrics_on_a_slow_machine(tmp_path, monkeypatch):
+    """Budgets are steps and iterations, not minutes: SFT from scratch and two VinePPO iterations
+    give the same logged values, and the same weights, however slow the clock says the machine is."""
+    def run(run_dir, output_dir):
+        argv = ["--model.name", "tiny", "--run.output_dir", str(output_dir), "--run.run_dir", str(run_dir),
+                "--sft.num_examples", "48", "--sft.batch_size", "16", "--task.num_train", "64",
+                "--task.num_test", "8", "--rollout.num_prompts", "2", "--rollout.num_samples", "2",
+                "--rollout.mc_rollouts", "2", "--rollout.max_steps", "3", "--rollout.max_tokens", "24",
+                "--ppo.num_iterations", "2", "--ppo.minibatch_size", "4", "--ppo.micro_batch_size", "2",
+                "--eval.limit", "4", "--eval.every", "1", "--run.progress", "false",
+                "--run.tensorboard", "false", "--run.device", "cpu"]
+        return train(argv).run
+
+    quick = run(tmp_path / "quick", tmp_path / "out-quick")
+    for module in ("sft", "trainer", "train", "rollout", "evaluate"):
+        monkeypatch.setattr(f"vineppo.{module}.time", SlowClock())
+    slow = run(tmp_path / "slow", tmp_path / "out-slow")
+
+    def logged(run_dir):
+        lines = [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in read_metrics(str(run_dir))]
+        return [m for m in lines if len(m) > 1]
+    assert logged(tmp_path / "quick") == logged(tmp_path / "slow")
+    assert [m["iteration"] for m in training_lines(tmp_path / "slow")] == [1, 2]
+    for (n, a), (_, b) in zip(quick.policy.model.named_parameters(), slow.policy.model.named_parameters()):
+        assert torch.equal(a, b), n
