@@ -238,23 +238,10 @@ GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_decode_gpu(dtype):
+@pytest.mark.parametrize("check", [_check_decode, _check_prefill, _check_tree], ids=["decode", "prefill", "tree"])
+def test_kernels_gpu(check, dtype):
     for _ in range(3):
-        _check_decode("cuda", dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_prefill_gpu(dtype):
-    for _ in range(3):
-        _check_prefill("cuda", dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_tree_gpu(dtype):
-    for _ in range(3):
-        _check_tree("cuda", dtype)
+        check("cuda", dtype)
 
 
 @pytest.mark.gpu
