@@ -57,6 +57,9 @@ def parse_args(argv):
                    help="length of the learning-rate schedule (more than any run reaches)")
     p.add_argument("--time", action="store_true", help="only time --time-iterations of each algorithm")
     p.add_argument("--time-iterations", type=int, default=2)
+    p.add_argument("--habits", type=int, default=0, metavar="N",
+                   help="after the runs: carry-line habits of the SFT start and every final policy on "
+                        "the first N test problems (synthetic carry-line task), to <out>/habits.json")
     p.add_argument("--eval-every", type=int, default=5, help="test evaluation every this many iterations")
     p.add_argument("--out", default="runs/compare", help="parent folder of the run folders")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
@@ -231,6 +234,45 @@ def plot_equal_time(per_algo: dict, path: str) -> None:
     plt.close(fig)
 
 
+HABIT_KEYS = ("carry_steps", "lined", "slip_lined", "slip_unlined", "other_errors", "needless_lines")
+
+
+def habits(model: str, limit: int = 200, n: int = 2, max_tokens: int = 160, seed: int = 0) -> dict:
+    """How a saved synthetic policy handles carry steps on the first `limit` test problems (`n`
+    samples each, the evaluation's T=0.35, top-p 0.9): the share of carry steps written after a
+    carry line, the slip rate with and without it, other wrong steps per response, format errors,
+    and accuracy (`vineppo.tasks.synthetic.response_habits`)."""
+    from vineppo.engine import SamplingParams
+    from vineppo.evaluate import load_for_evaluation
+    from vineppo.rollout import decode_response, per_prompt_params, score
+    from vineppo.tasks import prompt_ids
+    from vineppo.tasks.synthetic import response_habits
+
+    run = load_for_evaluation(model, None, None, None, [], device="cpu")
+    examples = run.task.test[:limit]
+    prompts = [prompt_ids(run.task, ex, run.tokenizer, run.template) for ex in examples]
+    params = per_prompt_params(SamplingParams(temperature=0.35, top_p=0.9, max_tokens=max_tokens, n=n,
+                                              seed=seed), len(prompts), 0)
+    totals = dict.fromkeys(HABIT_KEYS, 0)
+    responses = format_errors = right = 0
+    for ex, group in zip(examples, run.engine.generate(prompts, params)):
+        for c in group:
+            text = decode_response(run.tokenizer, c.token_ids)
+            h = response_habits(ex.question, text)
+            for k in HABIT_KEYS:
+                totals[k] += h[k]
+            format_errors += h["format_error"]
+            right += score(run.task, text, ex, c.finish_reason)
+            responses += 1
+    unlined = totals["carry_steps"] - totals["lined"]
+    return {"model": model, "responses": responses, "accuracy": right / responses, **totals,
+            "carry_line_rate": totals["lined"] / max(1, totals["carry_steps"]),
+            "slip_rate_lined": totals["slip_lined"] / max(1, totals["lined"]),
+            "slip_rate_unlined": totals["slip_unlined"] / max(1, unlined),
+            "other_errors_per_response": totals["other_errors"] / responses,
+            "format_error_rate": format_errors / responses}
+
+
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out, exist_ok=True)
@@ -259,6 +301,21 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
+    if args.habits:
+        from vineppo.config import load_config
+        from vineppo.sft import cache_dir_of, job_from_train_config
+        cfg = load_config(["--preset", args.preset, *args.train_args])
+        models = {"sft": job_from_train_config(cfg).checkpoint_dir(cache_dir_of(cfg))}
+        for r in rows:
+            models[f"{r['algo']}-seed{r['seed']}"] = os.path.join(r["run_dir"], "policy")
+        found = {name: habits(path, limit=args.habits) for name, path in models.items()}
+        with open(os.path.join(args.out, "habits.json"), "w") as f:
+            json.dump(found, f, indent=2)
+        for name, h in found.items():
+            print(f"{name:>16}: accuracy {h['accuracy']:.3f}, carry lines at {h['carry_line_rate']:.2f} of "
+                  f"{h['carry_steps']} carry steps, slips {h['slip_rate_lined']:.2f} with / "
+                  f"{h['slip_rate_unlined']:.2f} without, other errors {h['other_errors_per_response']:.2f} "
+                  f"per response, format errors {h['format_error_rate']:.2f}")
     for r in rows:
         print(f"{r['algo']:>8} seed {r['seed']}: {r['iterations']} iterations, "
               f"test {r['start_accuracy']:.3f} -> final {r['final_accuracy']:.3f} (peak {r['peak_accuracy']:.3f})")

@@ -135,3 +135,19 @@ def test_grader_and_steps_on_carry_line_responses():
     assert task.grade("\n".join(lines[:k] + [f"{a} {op} {b} = {slipped}", "#### 99"]), ex) == 0.0
     assert task.grade(ex.solution.replace("#### ", "#### 1"), ex) == 0.0
     assert task.final_answer(ex.solution) == ex.answer
+
+
+def test_response_habits_reads_each_step():
+    from vineppo.tasks.synthetic import response_habits
+
+    q = "17 + 5 - 6 + 9"
+    good = "c 7 + 5 = 12\n17 + 5 = 22\n22 - 6 = 16\nc 6 + 9 = 15\n16 + 9 = 25\n#### 25"
+    h = response_habits(q, " " + good)
+    assert (h["carry_steps"], h["lined"], h["slip_unlined"], h["other_errors"], h["format_error"]) == (3, 2, 0, 0, False)
+    slip = "c 7 + 5 = 12\n17 + 5 = 22\n22 - 6 = 16\n16 + 9 = 15\n#### 15"
+    h = response_habits(q, slip)
+    assert (h["carry_steps"], h["lined"], h["slip_unlined"], h["slip_lined"]) == (3, 1, 1, 0)
+    h = response_habits(q, "17 + 5 = 23\n23 - 6 = 17\n17 + 9 = 26\n#### 26")
+    assert h["other_errors"] == 1 and h["slip_unlined"] == 0
+    assert response_habits(q, "17 + 5 = 22\n#### 22")["format_error"]
+    assert response_habits("3 + 4", "c 3 + 4 = 7\n3 + 4 = 7\n#### 7")["needless_lines"] == 1

@@ -53,6 +53,7 @@ every validation and test question; validation excludes every test question.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from vineppo.tasks.base import Example, Grade, Task
@@ -233,6 +234,49 @@ def generate_splits(cfg: SyntheticConfig, seed: int = 0) -> tuple[list[Example],
     split when ``cfg.eval_split == "val"``; train excludes both."""
     train, val, test = generate_all_splits(cfg, seed)
     return train, (val if cfg.eval_split == "val" else test)
+
+
+_STEP_LINE = re.compile(r"^(-?\d+) ([-+*]) (\d+) = (-?\d+)$")
+
+
+def response_habits(question: str, response: str) -> dict:
+    """What a response did at each operation, judged step by step from its own values: counts of
+    carry steps (a +/- step whose tens digit changes), of those written after a carry line
+    (``lined``), of forgotten carries with and without that line (``slip_lined``,
+    ``slip_unlined``), of other wrong steps (``other_errors``), of carry lines before steps with
+    no carry (``needless_lines``), and ``format_error`` (a line that is not a step, a missing
+    operation or a missing answer)."""
+    out = dict(carry_steps=0, lined=0, slip_lined=0, slip_unlined=0, other_errors=0, needless_lines=0,
+               format_error=False)
+    start, *rest = question.split(" ")
+    ops = list(zip(rest[::2], rest[1::2]))
+    lines = [line.strip() for line in response.strip().split("\n") if line.strip()]
+    i, value = 0, int(start)
+    for op, x in ops:
+        lined = i < len(lines) and lines[i].startswith("c ")
+        i += lined
+        m = _STEP_LINE.match(lines[i]) if i < len(lines) else None
+        if m is None or m.group(2) != op or m.group(3) != x:
+            out["format_error"] = True
+            return out
+        a, written = int(m.group(1)), int(m.group(4))
+        exact = _apply(a, op, int(x))
+        carry = _carries(a, op, exact)
+        out["carry_steps"] += carry
+        out["lined"] += carry and lined
+        out["needless_lines"] += lined and not carry
+        if written != exact:
+            if carry and written == a // 10 * 10 + exact % 10:
+                out["slip_lined" if lined else "slip_unlined"] += 1
+            else:
+                out["other_errors"] += 1
+        if a != value:
+            out["other_errors"] += 1     # did not go on from its own previous value
+        value = written
+        i += 1
+    if i >= len(lines) or not lines[i].startswith("####"):
+        out["format_error"] = True
+    return out
 
 
 @dataclass
