@@ -18,11 +18,27 @@ def _module():
 
 def test_arguments():
     mod = _module()
-    args = mod.parse_args(["--algos", "vineppo,grpo", "--seeds", "3,4,5", "--", "--rollout.num_prompts", "16"])
+    args = mod.parse_args(["--algos", "vineppo,grpo", "--seeds", "3,4,5", "--iterations", "7", "--",
+                           "--rollout.num_prompts", "16"])
     assert args.algos == ["vineppo", "grpo"] and args.seeds == [3, 4, 5]
     assert args.train_args == ["--rollout.num_prompts", "16"]
     with pytest.raises(SystemExit):
-        mod.parse_args(["--algos", "vineppo,dpo"])
+        mod.parse_args(["--algos", "vineppo,dpo", "--iterations", "3"])
+    with pytest.raises(SystemExit):         # no budget: iterations, or timings with a wall-clock
+        mod.parse_args(["--algos", "vineppo"])
+    assert mod.parse_args(["--time"]).time
+
+
+def test_equal_wall_clock_from_quiet_timings(tmp_path):
+    mod = _module()
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps({"algos": {"vineppo": {"seconds_per_iteration": 12.0},
+                                          "ppo": {"seconds_per_iteration": 5.0}}}))
+    args = mod.parse_args(["--timings", str(path), "--wall-seconds", "120"])
+    assert mod.iterations_for(args, "vineppo") == 10 and mod.iterations_for(args, "ppo") == 24
+    with pytest.raises(SystemExit, match="grpo"):
+        mod.iterations_for(args, "grpo")
+    assert mod.iterations_for(mod.parse_args(["--iterations", "6"]), "grpo") == 6
 
 
 def _fake_run(path, algo, seed, accs):
@@ -47,11 +63,30 @@ def test_summary_and_finished_runs_are_kept(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(mod, "_python", calls.append)
-    args = mod.parse_args(["--out", str(tmp_path)])
+    args = mod.parse_args(["--out", str(tmp_path), "--iterations", "9"])
     assert mod.run_one(args, "vineppo", 0) == str(run) and calls == []      # finished: not run again
     os.makedirs(tmp_path / "ppo-seed1" / "checkpoints")                      # interrupted: resumed
     monkeypatch.setattr(mod, "_python", lambda cmd: calls.append(cmd))
     mod.run_one(args, "ppo", 1)
     assert calls[0][calls[0].index("--resume") + 1] == str(tmp_path / "ppo-seed1")
-    assert calls[0][calls[0].index("--run.max_train_minutes") + 1] == "3.0"
+    assert calls[0][calls[0].index("--run.max_iterations") + 1] == "9"
+    assert calls[0][calls[0].index("--run.max_train_minutes") + 1] == "0.0"      # no wall-clock cap
     assert os.path.isfile(tmp_path / "ppo-seed1" / "compare_done.json")
+
+
+def test_aggregate_over_seeds(tmp_path):
+    mod = _module()
+    _fake_run(str(tmp_path / "a0"), "vineppo", 0, [0.3, 0.4, 0.6])
+    _fake_run(str(tmp_path / "a1"), "vineppo", 1, [0.3, 0.5, 0.4])
+    _fake_run(str(tmp_path / "b0"), "ppo", 0, [0.3, 0.35, 0.36])
+    rows = mod.summarize([str(tmp_path / n) for n in ("a0", "a1", "b0")])
+    agg = mod.aggregate(rows, {"vineppo": 12.0})
+    v = agg["vineppo"]
+    assert v["final_accuracy"]["min"] == 0.4 and v["final_accuracy"]["max"] == 0.6
+    assert abs(v["final_accuracy"]["mean"] - 0.5) < 1e-9 and v["peak_accuracy"]["seeds"] == [0.6, 0.5]
+    assert v["mean_curve_peak"]["iteration"] == 2 and abs(v["mean_curve_peak"]["accuracy"] - 0.5) < 1e-9
+    assert v["seconds_per_iteration"] == 12.0 and "seconds_per_iteration" not in agg["ppo"]
+    for e in agg.values():
+        e["_band"] = {i: (a, a) for i, a in e["mean_curve"]}
+    mod.plot_equal_time(agg, str(tmp_path / "eq.png"))
+    assert os.path.getsize(tmp_path / "eq.png") > 1000

@@ -52,7 +52,8 @@ def test_task_knobs_are_the_load_task_arguments():
                                                                       "splitter": "paper"}
     knobs = task_knobs(TaskConfig(num_steps=4, carry_slip=0.25))
     assert knobs == dict(num_steps=4, min_steps=None, max_operand=9, max_multiplier=1, max_value=30,
-                         carry_slip=0.25, early_answer=0.0, num_train=20000, num_test=500)
+                         carry_slip=0.25, early_answer=0.0, carry_line=0.0, num_train=20000, num_test=500,
+                         eval_split="test")
     assert task_knobs(TaskConfig(num_steps=4, min_steps=2))["min_steps"] == 2
 
 

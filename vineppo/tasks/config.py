@@ -16,7 +16,8 @@ ON_ERROR = ("raise", "skip")
 # whole (fewer, longer steps; see docs/steps.md for both on MATH-500).
 SPLITTERS = ("whole-math", "paper")
 SYNTHETIC_KNOBS = ("num_steps", "min_steps", "max_operand", "max_multiplier", "max_value",
-                   "carry_slip", "early_answer", "num_train", "num_test")
+                   "carry_slip", "early_answer", "carry_line", "num_train", "num_test", "eval_split")
+EVAL_SPLITS = ("test", "val")
 
 
 @dataclass
@@ -48,6 +49,13 @@ class TaskConfig:
     early_answer: float = setting(0.0, "synthetic: probability that a train demonstration (SFT "
                                   "target) writes its answer one operation before the end; "
                                   "answers and rewards stay exact", check="[0, 1]")
+    carry_line: float = setting(0.0, "synthetic: probability that a train demonstration writes "
+                                "the units column ('c 7 + 5 = 12') before a carry/borrow step; "
+                                "such steps are exact, and carry_slip applies only to the others",
+                                check="[0, 1]")
+    eval_split: str = setting("test", "synthetic: the split evaluations score: 'test' (held out) "
+                              "or 'val' (a disjoint validation split, to choose settings)",
+                              choices=EVAL_SPLITS)
     num_train: int = setting(20000, "synthetic: train problems generated", check=">= 1")
     num_test: int = setting(500, "synthetic: test problems generated", check=">= 1")
     max_train: int = setting(0, "use at most this many train problems (0 = all)", check=">= 0")
