@@ -28,7 +28,7 @@ to learn from reward alone: which of its two habits at such a step pays off. Tha
 assignment in its plainest form; one step of a correct-looking solution decides the outcome.
 Test solutions are always exact.
 
-The carry-line variant (``carry_line`` > 0, the default of configs/tiny.yaml) makes the slip a
+The carry-line variant (``carry_line`` > 0; preset configs/tiny-carry-line.yaml) makes the slip a
 consequence of a choice the policy makes at that step. Before a +/- step whose tens digit
 changes, the teacher either writes the units column on its own line first (``c 7 + 5 = 12``,
 ``c 13 - 5 = 8`` for a borrow), with probability ``carry_line``, and then the step exactly, or
