@@ -40,7 +40,7 @@ def import_object(spec: str, setting_name: str):
         raise ValueError(f"{setting_name} must look like 'package.module:function'; got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, SyntaxError) as e:
         raise ValueError(f"{setting_name} {spec!r}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?") \
             from None
     obj = module
