@@ -179,7 +179,7 @@ def check_architecture(name_or_path: str, gguf_file: str | None = None) -> None:
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - unreadable here: the loader says why
         return
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
