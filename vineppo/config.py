@@ -28,6 +28,7 @@ from vineppo.algos import ALGOS, AdvantageConfig, estimator
 from vineppo.distributed import DistConfig
 from vineppo.evaluate import EvalConfig
 from vineppo.learner import PPOConfig
+from vineppo.metrics import LogConfig
 from vineppo.models import ModelConfig
 from vineppo.rollout import RolloutConfig
 from vineppo.settings import allowed, base_type, check_settings, coerce, setting, type_name
@@ -65,12 +66,14 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "TrainConfig":
         """Every field's allowed values, then the settings that depend on each other; ValueError
         naming the flag otherwise."""
         check_settings(self, prefix="--")
         self.task.check("--task.")
+        self.log.check("--log.")
         r, p = self.rollout, self.ppo
         if estimator(self.algo).needs_groups and r.num_samples < 2:
             raise ValueError(f"--algo {self.algo} needs --rollout.num_samples >= 2, got {r.num_samples}")

@@ -1,5 +1,11 @@
-"""Run metrics as JSON lines (plus TensorBoard when installed), sample completions, and the
-reduction of an iteration's metrics over ranks.
+"""Run metrics as JSON lines (plus TensorBoard when installed, and Weights & Biases when
+``--log.wandb_project`` is set), sample completions, a completions table per evaluation, and
+the reduction of an iteration's metrics over ranks.
+
+``completions.jsonl`` gets, at every evaluation after training started, the latest iteration's
+first ``--log.num_completions`` episodes (prompt, response, steps, step values, step advantages,
+reward) with the evaluation's accuracy; the same rows go to a wandb Table when wandb is on.
+wandb is imported only when a project is set (``WANDB_MODE=offline`` works without a network).
 
 A run folder holds ``metrics.jsonl``: one JSON object per line, written by ``MetricsLogger.log``.
 ``METRICS_SCHEMA`` below is the contract between the trainer (writer) and ``vineppo.plot`` /
@@ -21,9 +27,11 @@ import torch
 from tqdm import tqdm
 
 from vineppo.distributed import all_reduce
+from vineppo.settings import check_settings, setting
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 ACCURACY_KEY = "eval/accuracy"
@@ -296,36 +304,137 @@ def sample_records(episodes, raw_advantages, tokenizer, n: int) -> list[SampleRe
     return records
 
 
+@dataclass
+class LogConfig:
+    """Where else a run reports; the `log` section of the CLI."""
+
+    wandb_project: str = setting("", "Weights & Biases project (empty = no wandb); needs `pip install wandb`; "
+                                 "WANDB_MODE=offline logs without a network")
+    wandb_entity: str = setting("", "wandb entity (team or user; empty = your default)")
+    wandb_name: str = setting("", "wandb run name (empty = the run folder's name)")
+    num_completions: int = setting(8, "episodes per evaluation written to completions.jsonl (and a wandb "
+                                   "table): prompt, response, steps, values, advantages, reward", check=">= 0")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, prefix: str = "--log.") -> None:
+        check_settings(self, prefix)
+        if self.wandb_project and _import_wandb() is None:
+            raise ValueError(f"{prefix}wandb_project is set but wandb is not installed (pip install wandb), "
+                             "or leave it empty")
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb
+
+
+def completion_rows(iteration: int, records: list[SampleRecord], evaluation: Mapping[str, Any]) -> list[dict]:
+    """The completions table of one evaluation: one row per episode."""
+    accuracy = evaluation.get(ACCURACY_KEY)
+    return [{"iteration": int(iteration), "eval_accuracy": _to_json_value(ACCURACY_KEY, accuracy),
+             "example_id": r.example_id, "prompt": r.prompt, "response": r.response,
+             "steps": r.steps,
+             "values": None if r.step_values is None else [_to_json_value("v", v) for v in r.step_values],
+             "advantages": None if r.step_advantages is None else [_to_json_value("a", a) for a in r.step_advantages],
+             "reward": _to_json_value("reward", r.reward)} for r in records]
+
+
+class _Wandb:
+    """A wandb run mirroring metrics.jsonl and the completions tables."""
+
+    def __init__(self, cfg: LogConfig, run_dir: str, config: dict | None):
+        wandb = _import_wandb()
+        if wandb is None:
+            raise ValueError("--log.wandb_project is set but wandb is not installed (pip install wandb)")
+        self.wandb = wandb
+        name = cfg.wandb_name or os.path.basename(os.path.abspath(run_dir))
+        import hashlib
+
+        run_id = "vineppo-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=name,
+                              dir=run_dir, config=config, id=run_id, resume="allow")
+
+    def log(self, iteration: int, record: Mapping[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        self.run.log(values, step=int(iteration))
+
+    def table(self, iteration: int, rows: list[dict]) -> None:
+        if not rows:
+            return
+        columns = list(rows[0])
+        data = [[json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in columns] for r in rows]
+        self.run.log({"completions": self.wandb.Table(columns=columns, data=data)}, step=int(iteration))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class RunLog:
-    """Where a training run reports: metrics.jsonl (+ TensorBoard), samples.jsonl and the console.
+    """Where a training run reports: metrics.jsonl (+ TensorBoard, + wandb), samples.jsonl,
+    completions.jsonl (per evaluation) and the console.
 
     On ranks other than 0 every method does nothing, so callers need not ask which rank they are.
     """
 
     def __init__(self, run_dir: str | None, is_main: bool = True, tensorboard: bool = True,
-                 resume_iteration: int | None = None):
+                 resume_iteration: int | None = None, log: LogConfig | None = None, config: dict | None = None):
         self.is_main = is_main and run_dir is not None
-        self.metrics = self.sample_writer = None
+        self.metrics = self.sample_writer = self.wandb = None
+        self.log_cfg = log or LogConfig()
+        self._records: tuple[int, list[SampleRecord]] | None = None
+        self.completions_path = None
         if self.is_main:
             self.metrics = MetricsLogger(run_dir, tensorboard=tensorboard, resume_iteration=resume_iteration)
             self.sample_writer = SampleWriter(run_dir, resume_iteration=resume_iteration)
+            self.completions_path = os.path.join(run_dir, COMPLETIONS_FILE)
+            if resume_iteration is not None:
+                _truncate_jsonl(self.completions_path, resume_iteration)
+            if self.log_cfg.wandb_project:
+                self.wandb = _Wandb(self.log_cfg, run_dir, config)
 
     def log(self, iteration: int, metrics: Mapping[str, Any]) -> None:
-        if self.metrics is not None:
-            self.metrics.log(iteration, metrics)
+        if self.metrics is None:
+            return
+        record = self.metrics.log(iteration, metrics)
+        if self.wandb is not None:
+            self.wandb.log(iteration, record)
+        if ACCURACY_KEY in metrics and self._records is not None and self._records[0] == iteration:
+            self.completions(iteration, completion_rows(iteration, self._records[1], metrics))
+
+    def completions(self, iteration: int, rows: list[dict]) -> None:
+        """Append one evaluation's completions table to completions.jsonl (and wandb)."""
+        if self.completions_path is None or not rows:
+            return
+        with open(self.completions_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        if self.wandb is not None:
+            self.wandb.table(iteration, rows)
 
     def samples(self, iteration: int, episodes, raw_advantages, tokenizer, n: int) -> None:
-        if self.sample_writer is not None and n > 0:
-            self.sample_writer.write(iteration, sample_records(episodes, raw_advantages, tokenizer, n))
+        if self.sample_writer is None:
+            return
+        keep = max(n, self.log_cfg.num_completions)
+        records = sample_records(episodes, raw_advantages, tokenizer, keep) if keep > 0 else []
+        self._records = (iteration, records[:self.log_cfg.num_completions])
+        if n > 0:
+            self.sample_writer.write(iteration, records[:n])
 
     def print(self, text: str) -> None:
         if self.is_main:
             tqdm.write(text)
 
     def close(self) -> None:
-        for part in (self.metrics, self.sample_writer):
+        for part in (self.metrics, self.sample_writer, self.wandb):
             if part is not None:
                 part.close()
+        self.wandb = None
 
 
 def iteration_metrics(result, grading, raw_advantages, returns, values, mask, ctx) -> dict:

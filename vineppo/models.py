@@ -1,6 +1,7 @@
 """Policy and value models: the tiny preset's Llama, loading, and the PPO critic.
 
-The policy is always a plain transformers causal LM (Llama family), so the engine can read its
+The policy is always a plain transformers causal LM of the Llama family (Llama, Qwen2 or
+Mistral, by hub name or local folder; `check_architecture` refuses others by name), so the engine can read its
 weights in place and the trainer can shard it with FSDP2. The critic (`ValueModel`) is a copy of
 the policy's backbone with a scalar head, as in the PPO baseline of the paper.
 """
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from torch import nn
 
-from vineppo.engine.model_runner import load_causal_lm
+from vineppo.engine.model_runner import SUPPORTED_ARCHITECTURES, load_causal_lm
 from vineppo.settings import check_settings, setting
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -143,9 +144,12 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
     if gguf_file is None and str(name_or_path).endswith(".gguf"):
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    check_architecture(name_or_path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     with quiet_transformers():
         model = load_causal_lm(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(_unsupported(name_or_path, type(model).__name__))
     if device is not None:
         model.to(device)
     if tokenizer.pad_token_id is None:
@@ -157,6 +161,32 @@ def load_policy(name_or_path: str, dtype=None, device=None, gguf_file: str | Non
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _unsupported(name_or_path: str, found: str) -> str:
+    return (f"model {name_or_path!r} is a {found}, which the engine cannot run; supported architectures: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, Qwen2 and Mistral checkpoints)")
+
+
+def check_architecture(name_or_path: str, gguf_file: str | None = None) -> None:
+    """ValueError naming the supported architectures unless the checkpoint's config (read before
+    any weights) is a Llama, Qwen2 or Mistral causal LM. A config that cannot be read here is left
+    for the loader to report."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception:  # noqa: BLE001 - unreadable here: the loader says why
+        return
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(_unsupported(name_or_path, archs[0]))
+    model_type = getattr(config, "model_type", None)
+    if not archs and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(_unsupported(name_or_path, f"{model_type!r} model"))
 
 
 class ValueModel(nn.Module):

@@ -34,6 +34,7 @@ from vineppo.models import ValueModel, load_policy, resolve_dtype, resolve_model
 from vineppo.rollout import fit_prompts
 from vineppo.sft import cache_dir_of, ensure_sft_checkpoint, job_from_train_config
 from vineppo.tasks import load_task_from_config
+from vineppo.tasks.rewards import RewardError
 from vineppo.trainer import Interrupted, Run, StopRequest, TrainState, restore, train
 
 
@@ -206,7 +207,8 @@ def assemble_run(cfg: TrainConfig, ctx: DistContext, policy, tokenizer, task, ru
                ref_model=ref_model, engine=engine, engine_model=engine_model, tokenizer=tokenizer, task=task,
                train_examples=task.train if train_examples is None else train_examples,
                test_examples=task.test if test_examples is None else test_examples,
-               run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it),
+               run_dir=run_dir, log=RunLog(run_dir, ctx.is_main, cfg.run.tensorboard, resume_it, log=cfg.log,
+                                                    config=cfg.to_dict()),
                compute_dtype=compute_dtype, start_time=start_time)
 
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = exc.signal_name if isinstance(exc, Interrupted) else stop.signal_name or "SIGINT"
         _report_stop(f"interrupted by {name}", run, cfg, ctx)
         raise SystemExit(143 if name == "SIGTERM" else 130) from None
-    except TrainingStopped as exc:
+    except (TrainingStopped, RewardError) as exc:   # NaN losses, or a reward function that failed
         _report_stop(f"error: {exc}", run, cfg, ctx)
         raise SystemExit(1) from None
     except OSError as exc:   # the run folder is read-only or full, or a file vanished

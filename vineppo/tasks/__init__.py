@@ -8,6 +8,11 @@
     stats = task.grader_stats()                    # graded / timed_out / retried since last call
     steps = task.split_steps(decode_response(tokenizer, response_ids))
     offsets = step_token_offsets(tokenizer, response_ids, steps)
+
+Your own task (README "Your own task"): TaskConfig(name="custom", path=..., question_field=...,
+grader=..., steps=..., prompt=...) builds one from settings (`tasks.custom`);
+TaskConfig(factory="pkg.mod:make_task") imports one, and TaskConfig(reward="pkg.mod:score")
+grades any task with a plain function (`tasks.rewards`). The Task protocol is in `tasks.base`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,28 @@
-"""The task interface: examples, prompts, SFT targets, grading and step splitting."""
+"""The task interface: examples, prompts, SFT targets, grading and step splitting.
+
+The Task protocol, all the package asks of a task (what a ``--task.factory`` must return; the
+easiest way is to subclass `Task` and implement `_grade` and `_split`):
+
+    name: str                     shown in logs and run folders
+    train, test: list[Example]    the problems RL draws from and evaluation scores
+    max_steps: int                default cap on steps per response (merged evenly above it)
+    prompt(example, tokenizer=None, template="plain") -> str
+                                  the text before the response; "plain" for base/SFT models, "chat"
+                                  for the tokenizer's chat template (with `chat_instruction`)
+    sft_target(example) -> str    what SFT teaches after the plain prompt (" " + solution)
+    grade(response, example) -> float
+                                  the reward, in [0, 1] (any value in between is fine: VinePPO's
+                                  values are means of rewards); never raises on model output
+    split_steps(response, max_steps=None) -> list[str]
+                                  reasoning steps, exact substrings: "".join(steps) == response
+    final_answer(response) -> str | None
+                                  a normal form of the final answer, for majority voting
+    grader_stats() -> GraderStats counts of gradings (and budget time-outs) since the last call
+
+`--task.reward module:function` wraps any task so that `grade` is a plain
+``(response_text, example) -> float`` (`vineppo.tasks.rewards`); `--task.name custom` builds a
+task from settings alone (`vineppo.tasks.custom`). README "Your own task" has an example.
+"""
 
 from __future__ import annotations
 

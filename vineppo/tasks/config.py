@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from vineppo.settings import check_settings, setting
 
-TASK_NAMES = ("synthetic", "gsm8k", "math")
+TASK_NAMES = ("synthetic", "gsm8k", "math", "custom")
 ON_ERROR = ("raise", "skip")
 # MATH step splitters: the official VinePPO in-place splitter's boundaries, or math blocks kept
 # whole (fewer, longer steps; see docs/steps.md for both on MATH-500).
@@ -22,9 +22,12 @@ EVAL_SPLITS = ("test", "val")
 
 @dataclass
 class TaskConfig:
-    name: str = setting("synthetic", "task: synthetic | gsm8k | math", choices=TASK_NAMES)
-    path: str = setting("", "local data folder/file or hub dataset name (gsm8k / math); empty = "
-                        "the task's default")
+    name: str = setting("synthetic", "task: synthetic | gsm8k | math | custom (a dataset with the "
+                        "column, grader, steps and prompt settings below); ignored with task.factory",
+                        choices=TASK_NAMES)
+    path: str = setting("", "local data folder/file or hub dataset name (gsm8k / math / custom); empty = "
+                        "the task's default; custom: one file is both the train and the test split unless "
+                        "train_path is set")
     on_error: str = setting("raise", "gsm8k / math: a malformed data row stops loading with its "
                             "file and line ('raise') or is skipped and counted ('skip')",
                             choices=ON_ERROR)
@@ -59,6 +62,30 @@ class TaskConfig:
     num_train: int = setting(20000, "synthetic: train problems generated", check=">= 1")
     num_test: int = setting(500, "synthetic: test problems generated", check=">= 1")
     max_train: int = setting(0, "use at most this many train problems (0 = all)", check=">= 0")
+    # ---- custom: a task without code (name=custom)
+    train_path: str = setting("", "custom: train split's file or hub name when it differs from path")
+    hub_config: str = setting("", "custom: hub dataset configuration name")
+    question_field: str = setting("question", "custom: column holding the question")
+    answer_field: str = setting("answer", "custom: column holding the gold final answer")
+    solution_field: str = setting("", "custom: column holding a reference solution (the SFT target; "
+                                  "empty = the gold answer)")
+    grader: str = setting("exact", "custom: gsm8k-number | math-verify | exact (last line equals the answer) "
+                          "| regex:<pattern> (its last match's first group equals the answer)")
+    steps: str = setting("newline", "custom: step splitter: newline | paragraph | math | regex:<pattern> "
+                         "(a step ends after each match)")
+    prompt: str = setting("", "custom: plain prompt template, a format string with {question} (empty = "
+                          "the package's plain template); rollout.template=chat uses the tokenizer's "
+                          "chat template with task.instruction instead")
+    instruction: str = setting("", "custom: instruction appended to the question in chat prompts")
+    max_steps: int = setting(0, "custom: most steps per response (0 = 25)", check=">= 0")
+    time_limit: float = setting(2.0, "custom math-verify grader: CPU seconds per comparison try", check="> 0")
+    # ---- from Python
+    factory: str = setting("", "'package.module:function' returning a vineppo.tasks.Task (called with this "
+                           "TaskConfig when it takes an argument); overrides name")
+    reward: str = setting("", "'package.module:function', a reward (response_text, example) -> float in "
+                          "[0, 1] that replaces the task's grader")
+    reward_time_limit: float = setting(5.0, "wall seconds a reward call may take; longer calls score 0 and "
+                                       "count as timed out", check="> 0")
 
     def __post_init__(self):
         self.check()
@@ -69,7 +96,19 @@ class TaskConfig:
         changing fields; errors name fields as ``prefix + name`` (default ``TaskConfig.``)."""
         prefix = "TaskConfig." if prefix is None else prefix
         check_settings(self, prefix)
-        if self.name != "synthetic":
+        from vineppo.tasks.custom import check_grader, check_splitter, check_template
+
+        check_grader(self.grader, f"{prefix}grader")
+        check_splitter(self.steps, f"{prefix}steps")
+        check_template(self.prompt, f"{prefix}prompt")
+        for name in ("factory", "reward"):
+            spec = getattr(self, name)
+            module, sep, attr = spec.partition(":")
+            if spec and not (sep and module and attr):
+                raise ValueError(f"{prefix}{name} must look like 'package.module:function'; got {spec!r}")
+        if self.name == "custom" and not self.factory and not self.path:
+            raise ValueError(f"{prefix}path: the custom task needs a data file, folder or hub dataset name")
+        if self.name != "synthetic" or self.factory:
             return
         if self.path:
             raise ValueError(f"{prefix}path must be empty for the synthetic task (it is "
@@ -106,4 +145,18 @@ def load_task_from_config(cfg: TaskConfig):
     from vineppo.tasks import load_task
 
     cfg.check()
-    return load_task(cfg.name, cfg.path or None, seed=cfg.seed, **task_knobs(cfg))
+    if cfg.factory:
+        from vineppo.tasks.rewards import task_from_factory
+
+        task = task_from_factory(cfg.factory, cfg)
+    elif cfg.name == "custom":
+        from vineppo.tasks.custom import load_custom_task
+
+        task = load_custom_task(cfg)
+    else:
+        task = load_task(cfg.name, cfg.path or None, seed=cfg.seed, **task_knobs(cfg))
+    if cfg.reward:
+        from vineppo.tasks.rewards import with_reward
+
+        task = with_reward(task, cfg.reward, cfg.reward_time_limit)
+    return task
