@@ -114,19 +114,18 @@ def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
                                                     ("sampling", sampling))}
     del runner
 
-    # Whole engine decode step: rows sequences whose prompts fill `context` tokens, `steps` decode steps.
+    # Whole engine decode step: one `context`-token prompt forked into `rows` samples (plain paged decode), `steps` decode steps.
     steps = 4
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, model.config.vocab_size, (context,), generator=g).tolist() for _ in range(rows)]
+    prompts = [torch.randint(3, model.config.vocab_size, (context,), generator=g).tolist()]   # forked n=rows: one prefill
     eng = make_engine(model, "never", page_size, "cpu")
     def one_run():
         t0 = time.perf_counter()
-        eng.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True, seed=1))
+        eng.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True, seed=1, n=rows))
         t1 = time.perf_counter()
-        eng.generate(prompts, SamplingParams(max_tokens=1 + steps, ignore_eos=True, seed=1))
+        eng.generate(prompts, SamplingParams(max_tokens=1 + steps, ignore_eos=True, seed=1, n=rows))
         t2 = time.perf_counter()
         return ((t2 - t1) - (t1 - t0)) / steps        # the prefill cancels; what is left is decode steps
-    one_run()
     step = min(one_run() for _ in range(max(1, reps // 2)))
     del eng
     parts["python_metadata"] = max(0.0, step - sum(parts.values()))
