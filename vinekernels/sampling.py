@@ -322,25 +322,103 @@ def _sample_unfiltered(logits, temperature, seeds, offsets):
     return tokens, logprobs
 
 
-def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
-    """Reference implementation (the CPU path). Rows that filter (top-k / top-p) take the sorting
-    path; the others a shorter path with bit-identical results (:func:`_sample_unfiltered`)."""
-    v = logits.shape[1]
-    filt = (((top_k > 0) & (top_k < v)) | (top_p < 1)) & (temperature != 0)
-    n_filt = int(filt.sum())
-    if n_filt == 0:
-        return _sample_unfiltered(logits, temperature, seeds, offsets)
-    if n_filt == logits.shape[0]:
-        return _sample_sorting(logits, temperature, top_k, top_p, seeds, offsets)
-    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    f = filt.nonzero().flatten()
-    p = (~filt).nonzero().flatten()
-    # Validation order as before: any bad row (filtered or not) raises, listing every bad row.
+def _draw(x, xmax, ek, seeds, offsets):
+    """The draw of :func:`_sample_sorting` for sampled rows, given the kept masses ``ek`` (>= 0):
+    the running mass is non-decreasing, so the first index where it exceeds ``u * M`` is a binary
+    search; the last-token fallback runs only for rows that need it."""
+    v = x.shape[1]
+    mass = ek.sum(1)
+    u = uniform_from_seed(seeds, offsets).double()
+    cum = torch.cumsum(ek, dim=1)
+    tok = torch.searchsorted(cum, (u * mass)[:, None], right=True).squeeze(1)
+    over = tok >= v
+    if bool(over.any()):
+        r = over.nonzero().flatten()
+        tok[r] = v - 1 - (ek[r] > 0).flip(1).int().argmax(1)
+    xt = x.gather(1, tok[:, None]).squeeze(1).double()
+    return tok, (xt - xmax[:, 0].double() - torch.log(mass)).float()
+
+
+# Candidate counts tried, in turn, for top-p thresholds before a vocabulary-wide sort.
+TOP_P_CANDIDATES = (64, 1024)
+# Relative bound on how far two summation orders of the same non-negative float64 masses can
+# differ (>> V * 2**-53 for any vocabulary below 2**31 / 1e3): within it a threshold is undecided.
+_SUM_ORDER_SLACK = 1e-7
+
+
+def _sample_top_p(logits, temperature, top_p, seeds, offsets):
+    """Rows with top-p alone (no top-k, T > 0): the threshold from the largest few values
+    (``torch.topk``) instead of a full sort, with results bit-identical to :func:`_sample_sorting`.
+
+    The sorting path's running mass over the sorted values is, on the candidates, the same
+    sequential sum; only its total ``M`` (summed in sorted order) is unknown, and it is replaced by
+    the vocabulary-order sum with a slack bound. A row whose threshold position is the same at both
+    ends of that bound, and lies among the candidates, is decided exactly; the others are returned
+    as undecided (``ok`` False) for the sorting path. Returns (tokens, logprobs, ok)."""
+    b, v = logits.shape
     x = _scaled(logits, temperature)
-    del x
-    tokens[f], logprobs[f] = _sample_sorting(logits[f], temperature[f], top_k[f], top_p[f], seeds[f], offsets[f])
-    tokens[p], logprobs[p] = _sample_unfiltered(logits[p], temperature[p], seeds[p], offsets[p])
+    xmax = x.max(dim=1, keepdim=True).values
+    e = x.double().sub_(xmax.double()).exp_()
+    total = e.sum(1, keepdim=True)
+    target = top_p.double()[:, None] * total
+    lo, hi = target * (1 - _SUM_ORDER_SLACK), target * (1 + _SUM_ORDER_SLACK)
+    thr = torch.full((b, 1), float("nan"), dtype=x.dtype, device=x.device)
+    todo = torch.arange(b, device=x.device)
+    for m in TOP_P_CANDIDATES:
+        if todo.numel() == 0 or m >= v:
+            break
+        xs = torch.topk(x[todo], m, dim=1).values                        # descending
+        cum = torch.cumsum(torch.exp(xs.double() - xmax[todo].double()), dim=1)
+        f_lo = torch.searchsorted(cum, lo[todo])
+        f_hi = torch.searchsorted(cum, hi[todo])
+        ok = (f_lo == f_hi)[:, 0] & (cum[:, -1:] >= hi[todo])[:, 0]
+        thr[todo[ok]] = xs.gather(1, f_lo.clamp(max=m - 1))[ok]
+        todo = todo[~ok]
+    ok = ~torch.isnan(thr[:, 0])
+    keep = x >= thr                                       # NaN threshold: nothing kept (undecided rows)
+    ek = e.masked_fill_(~keep, 0.0)                       # == e * keep
+    tokens = torch.zeros(b, dtype=torch.int64, device=x.device)
+    logprobs = torch.zeros(b, dtype=torch.float32, device=x.device)
+    r = ok.nonzero().flatten()
+    if r.numel() == b:
+        tokens, logprobs = _draw(x, xmax, ek, seeds, offsets)
+    elif r.numel():
+        tokens[r], logprobs[r] = _draw(x[r], xmax[r], ek[r], seeds[r], offsets[r])
+    return tokens, logprobs, ok
+
+
+def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
+    """Reference implementation (the CPU path). Every row's result is what :func:`_sample_sorting`
+    gives it, bit for bit; rows without top-k/top-p take :func:`_sample_unfiltered`, rows with
+    top-p alone :func:`_sample_top_p` (a partial top-k with the sort as its fallback), and rows with
+    top-k the sorting path."""
+    b, v = logits.shape
+    greedy = temperature == 0
+    use_k = (top_k > 0) & (top_k < v) & ~greedy
+    use_p = (top_p < 1) & ~greedy
+    n_k, n_p = int(use_k.sum()), int((use_p & ~use_k).sum())
+    if n_k == 0 and n_p == 0:
+        return _sample_unfiltered(logits, temperature, seeds, offsets)
+    if n_k == b:
+        return _sample_sorting(logits, temperature, top_k, top_p, seeds, offsets)
+    tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
+    # Any bad row raises, listing every bad row, before anything else runs.
+    _scaled(logits, temperature)
+    sort_rows = use_k
+    if n_p:
+        p = (use_p & ~use_k).nonzero().flatten()
+        tp, lp, ok = _sample_top_p(logits[p], temperature[p], top_p[p], seeds[p], offsets[p])
+        tokens[p[ok]], logprobs[p[ok]] = tp[ok], lp[ok]
+        sort_rows = sort_rows.clone()
+        sort_rows[p[~ok]] = True
+    plain = ~(use_k | use_p)
+    if bool(plain.any()):
+        r = plain.nonzero().flatten()
+        tokens[r], logprobs[r] = _sample_unfiltered(logits[r], temperature[r], seeds[r], offsets[r])
+    if bool(sort_rows.any()):
+        f = sort_rows.nonzero().flatten()
+        tokens[f], logprobs[f] = _sample_sorting(logits[f], temperature[f], top_k[f], top_p[f], seeds[f], offsets[f])
     return tokens, logprobs
 
 
