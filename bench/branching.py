@@ -10,13 +10,21 @@ Workload: P prompts x N trajectories of L response tokens; a step boundary every
   (c) engine: re-prefill every state once and fork its K children from it, plain paged decode
       (what a server with n=K sampling does)
   (d) transformers generate with num_return_sequences=K, one call per state
+  (e) transformers generate, every state of one boundary in ONE call (all prefixes of a boundary
+      have the same length, so no padding), K rows per state, chunked to --hf-row-cap rows: the
+      strong baseline a plain-transformers user writes; (a) over (e) is the headline ratio
 
+The default workload is VinePPO-shaped (few-shot prompts of a few hundred tokens, K=9).
 Only the continuation phase is timed for the comparison (the trajectories are generated once,
 and timed separately). On a GPU the script also prints the decode bandwidth floor of (a) and (b):
 per decode step, weight bytes + the bytes of the unique KV pages the step reads, over the
-measured device copy bandwidth.
+measured device copy bandwidth; beside it the compute floor: the run's model FLOPs (matmuls
+and attention of every continuation token, prefix sharing counted once) over the fp32/bf16
+matmul FLOP/s measured at the model's own weight shapes and the run's decode batch size.
 
     python bench/branching.py                                    # CPU default, tiny model
+    python bench/branching.py --model-preset smollm2-135m --prompts 1 --prompt-len 64 \
+        --samples 4 --length 32 --boundaries 4 --k 4             # SmolLM2-135M shapes
     python bench/branching.py --device cuda --model-preset tinyllama-1.1b --dtype bfloat16 \
         --prompts 8 --prompt-len 128 --samples 8 --length 512 --boundaries 8 --k 9
 """
@@ -87,6 +95,66 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def make_engine(model, tree: str, page_size: int, device: str) -> Engine:
+    """The engine every (a)-(c) row uses; only the tree-decode policy differs."""
+    cfg = EngineConfig(page_size=page_size, tree_decode=tree, device=device,
+                       max_num_seqs=1024, max_num_batched_tokens=8192,
+                       use_cuda_graphs=device.startswith("cuda"))
+    return Engine(model, config=cfg)
+
+
+def matmul_rates(model, rows: int, dtype: torch.dtype, device: str, min_seconds: float = 0.1) -> dict:
+    """Measured FLOP/s of F.linear at each distinct weight shape of the model (lm_head included),
+    with `rows` rows; the best of repeated runs of at least `min_seconds` each."""
+    import torch.nn.functional as F
+
+    rates = {}
+    weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
+    for w in weights + [model.lm_head.weight]:
+        shape = tuple(w.shape)
+        if shape in rates:
+            continue
+        x = torch.randn(rows, shape[1], dtype=dtype, device=device)
+        w = w.detach()
+        F.linear(x, w)
+        _sync(device)
+        best = 0.0
+        for _ in range(3):
+            reps, t = 0, time.perf_counter()
+            while True:
+                F.linear(x, w)
+                reps += 1
+                _sync(device)
+                dt = time.perf_counter() - t
+                if dt >= min_seconds / 3:
+                    break
+            best = max(best, 2 * rows * shape[0] * shape[1] * reps / dt)
+        rates[shape] = best
+    return rates
+
+
+def compute_floor(model, rates: dict, tokens: int, attended: int) -> tuple[float, float]:
+    """(FLOPs, seconds): `tokens` forward tokens through every weight matmul at its measured rate,
+    plus attention (QK^T and PV: 4 * heads * head_dim FLOPs per attended position per layer) over
+    `attended` (token, context position) pairs at the best measured rate."""
+    cfg = model.config
+    flops = seconds = 0.0
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or "embed_tokens" in name:
+            continue
+        f = 2.0 * tokens * p.shape[0] * p.shape[1]
+        flops += f
+        seconds += f / rates[tuple(p.shape)]
+    if model.config.tie_word_embeddings:
+        p = model.lm_head.weight
+        f = 2.0 * tokens * p.shape[0] * p.shape[1]
+        flops += f
+        seconds += f / rates[tuple(p.shape)]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    fa = 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * attended
+    return flops + fa, seconds + fa / max(rates.values())
+
+
 class DecodeRecorder:
     """Counts decode steps and the unique KV pages each one reads (for the bandwidth floor)."""
 
@@ -110,19 +178,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--model-preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--prompts", type=int, default=None, help="P (GPU default 8, CPU 2)")
-    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (GPU 128, CPU 32)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (GPU 384, CPU 256)")
     ap.add_argument("--samples", type=int, default=None, help="N trajectories per prompt (GPU 8, CPU 4)")
     ap.add_argument("--length", type=int, default=None, help="L response tokens (GPU 512, CPU 64)")
     ap.add_argument("--boundaries", type=int, default=None, help="T step boundaries (GPU 8, CPU 4)")
-    ap.add_argument("--k", type=int, default=None, help="K continuations per boundary (GPU 9, CPU 4)")
+    ap.add_argument("--k", type=int, default=None, help="K continuations per boundary (default 9)")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--skip-hf", action="store_true", help="skip (d), the transformers baseline")
+    ap.add_argument("--skip-hf", action="store_true", help="skip (d) and (e), the transformers baselines")
+    ap.add_argument("--skip-per-state", action="store_true", help="skip (d), the per-state transformers row")
+    ap.add_argument("--hf-row-cap", type=int, default=256,
+                    help="most rows (states x K) in one transformers generate call for (e) (default 256)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
     gpu = args.device.startswith("cuda")
-    d = dict(prompts=8, prompt_len=128, samples=8, length=512, boundaries=8, k=9) if gpu else \
-        dict(prompts=2, prompt_len=32, samples=4, length=64, boundaries=4, k=4)
+    d = dict(prompts=8, prompt_len=384, samples=8, length=512, boundaries=8, k=9) if gpu else \
+        dict(prompts=2, prompt_len=256, samples=4, length=64, boundaries=4, k=9)
     P, plen, N, L, T, K = (getattr(args, f) if getattr(args, f) is not None else d[f]
                            for f in ("prompts", "prompt_len", "samples", "length", "boundaries", "k"))
     if L % T:
@@ -136,12 +207,17 @@ def main(argv=None) -> dict:
     traj_params = SamplingParams(temperature=1.0, max_tokens=L, ignore_eos=True, seed=1, n=N)
     cont_params = SamplingParams(temperature=1.0, max_tokens=L, ignore_eos=True, seed=2)
     cont_tokens = P * N * K * sum(L - t for t in offsets)
+    if args.hf_row_cap < K:
+        raise ValueError(f"--hf-row-cap {args.hf_row_cap} is below K={K}")
+    print(f"workload: {P} prompts x {N} trajectories, prompt {plen} tokens, response L={L}, "
+          f"T={T} boundaries at {offsets}, K={K} continuations each -> {P * N * T} states, "
+          f"{P * N * T * K} continuation rows, {cont_tokens} continuation tokens", flush=True)
+    print(f"model: {args.model_preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{str(dtype).replace('torch.', '')}, random weights) on {args.device}, "
+          f"{torch.get_num_threads()} threads; continuation phase timed", flush=True)
 
     def engine(tree: str) -> Engine:
-        cfg = EngineConfig(page_size=args.page_size, tree_decode=tree, device=args.device,
-                           max_num_seqs=1024, max_num_batched_tokens=8192,
-                           use_cuda_graphs=gpu)
-        return Engine(model, config=cfg)
+        return make_engine(model, tree, args.page_size, args.device)
 
     results: dict[str, dict] = {}
     # Warm-up: first calls of each op pay one-time costs that would land on whichever runs first.
@@ -189,18 +265,36 @@ def main(argv=None) -> dict:
     timed("c_reprefill_fork_paged_decode", lambda: eng.generate(state_prompts, state_params), eng)
     del eng
 
-    if not args.skip_hf:
+    if not args.skip_hf and not args.skip_per_state:
         def hf():
             for prompt, max_new in zip(state_prompts, (L - t for _ in states for t in offsets)):
                 model.generate(torch.tensor([prompt], device=args.device), do_sample=True,
                                num_return_sequences=K, max_new_tokens=max_new,
                                min_new_tokens=max_new, pad_token_id=0, top_k=0, top_p=1.0)
-        timed("d_transformers_generate", hf)
+        timed("d_transformers_generate_per_state", hf)
 
+    if not args.skip_hf:
+        per_call = max(1, args.hf_row_cap // K)
+
+        def hf_boundary():
+            for t in offsets:
+                rows = [p + resp[:t] for p, resp in states]          # one boundary: equal lengths
+                for i in range(0, len(rows), per_call):
+                    model.generate(torch.tensor(rows[i:i + per_call], device=args.device), do_sample=True,
+                                   num_return_sequences=K, max_new_tokens=L - t, min_new_tokens=L - t,
+                                   pad_token_id=0, top_k=0, top_p=1.0)
+        timed("e_transformers_generate_per_boundary", hf_boundary)
+
+    labels = {"a": "(a) engine fork + tree decode", "b": "(b) engine fork + paged decode",
+              "c": "(c) engine re-prefill + fork", "d": "(d) transformers, one call per state",
+              "e": "(e) transformers, one call per boundary"}
     a = results["a_fork_tree_decode"]["tokens_per_s"]
     ratios = {f"a_over_{k[0]}": a / v["tokens_per_s"] for k, v in results.items() if k[0] != "a"}
-    for k, v in ratios.items():
-        print(f"(a) / ({k[-1]}): {v:6.2f}x")
+    order = sorted(ratios, key=lambda k: (k != "a_over_e", k))     # the headline (e) first
+    for k in order:
+        r = ratios[k]
+        words = f"{r:.1f}x faster than" if r >= 1 else f"{1 / r:.1f}x slower than"
+        print(f"{labels['a']} is {words} {labels[k[-1]]}" + ("   <- headline" if k == "a_over_e" else ""))
 
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if "embed_tokens" not in n or model.config.tie_word_embeddings)
@@ -217,6 +311,17 @@ def main(argv=None) -> dict:
           f"decode step): (a) {floor['a_fork_tree_decode']:.3f} s over "
           f"{results['a_fork_tree_decode']['decode_steps']} steps, (b) {floor['b_fork_paged_decode']:.3f} s"
           " (the measured times above include prefill/extend steps and sampling)")
+    # Compute floor of (a): every continuation token through every weight matmul once, attention
+    # over its full context (prefix KV is computed once per trajectory, outside the timed phase).
+    attended = P * N * K * sum(sum(plen + t + j + 1 for j in range(L - t)) for t in offsets)
+    rows = max(1, min(P * N * T * K, 256))
+    rates = matmul_rates(model, rows, dtype, args.device)
+    flops, compute_seconds = compute_floor(model, rates, cont_tokens, attended)
+    a_s = results["a_fork_tree_decode"]["seconds"]
+    print(f"compute floor of (a): {flops / 1e9:.1f} GFLOP at the measured matmul rates "
+          f"({min(rates.values()) / 1e9:.0f}-{max(rates.values()) / 1e9:.0f} GFLOP/s at {rows} rows) = "
+          f"{compute_seconds:.3f} s; (a) took {a_s:.3f} s = {a_s / compute_seconds:.2f}x the compute floor, "
+          f"{flops / a_s / 1e9:.1f} GFLOP/s achieved", flush=True)
 
     report = {
         "workload": dict(prompts=P, prompt_len=plen, samples=N, length=L, boundaries=T, k=K,
@@ -228,7 +333,12 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "trajectory_seconds": traj_seconds,
         "results": results, "ratios": ratios,
+        "headline": "a_over_e" if "a_over_e" in ratios else None,
+        "hf_row_cap": args.hf_row_cap,
         "copy_bandwidth_bytes_per_s": bw, "decode_bandwidth_floor_seconds": floor,
+        "compute_floor": {"flops": flops, "seconds": compute_seconds, "rows": rows,
+                          "matmul_flops_per_s": {"x".join(map(str, k)): v for k, v in rates.items()},
+                          "a_over_floor": a_s / compute_seconds},
     }
     if args.json:
         with open(args.json, "w") as f:

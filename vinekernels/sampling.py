@@ -234,8 +234,8 @@ def kept_log_mass(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return out
 
 
-def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
-    """Reference implementation (the CPU path); sorts only rows that filter."""
+def _sample_sorting(logits, temperature, top_k, top_p, seeds, offsets):
+    """The general path (any mix of greedy, top-k and top-p rows): sorts the rows that filter."""
     b, v = logits.shape
     device = logits.device
     greedy = temperature == 0
@@ -261,6 +261,164 @@ def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
         tokens[s] = tok
         xt = x[s].gather(1, tok[:, None]).squeeze(1).double()
         logprobs[s] = (xt - xmax[s, 0].double() - logmass[s]).float()
+    return tokens, logprobs
+
+
+def _sample_unfiltered(logits, temperature, seeds, offsets):
+    """Rows without top-k / top-p (greedy or plain temperature sampling), bit for bit what
+    :func:`_sample_sorting` returns for them, in about a third of the passes over [B, V]:
+
+    * one row maximum validates the row (it is NaN if any value is NaN, +inf if any is +inf and
+      -inf if all are -inf: exactly the rows the reference rejects);
+    * ``x / 1`` is ``x``, so rows at T = 1 (and greedy rows) skip the division;
+    * the float64 masses are built in place, and with nothing filtered ``e * keep`` is ``e``;
+    * the running mass is non-decreasing, so the first index where it exceeds ``u * M`` is a
+      binary search (``searchsorted(right=True)``) instead of a compare, ``any`` and ``argmax``
+      over the row; the last-token fallback runs only for rows that need it.
+    """
+    b, v = logits.shape
+    device = logits.device
+    greedy = temperature == 0
+    x = logits.float()
+    t_eff = torch.where(greedy, torch.ones_like(temperature), temperature)
+    if not bool((t_eff == 1).all()):
+        x = x / t_eff[:, None]
+    xmax = x.max(dim=1, keepdim=True).values
+    bad = ~torch.isfinite(xmax[:, 0])
+    if bool(bad.any()):
+        raise _invalid_rows_error(bad.nonzero().flatten().tolist())
+    e = x.double().sub_(xmax.double()).exp_()       # == torch.exp(x.double() - xmax.double())
+    mass = e.sum(1)
+    logmass = torch.log(mass)
+    tokens = torch.empty(b, dtype=torch.int64, device=device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=device)
+    n_greedy = int(greedy.sum())
+    if n_greedy:
+        g = greedy.nonzero().flatten()
+        tokens[g] = x[g].argmax(1)
+        logprobs[g] = (-logmass[g]).float()
+    if n_greedy < b:
+        if n_greedy:
+            s = (~greedy).nonzero().flatten()
+            es, xs, ms, lms, xm = e[s], x[s], mass[s], logmass[s], xmax[s]
+            sd, off = seeds[s], offsets[s]
+        else:
+            s = None
+            es, xs, ms, lms, xm, sd, off = e, x, mass, logmass, xmax, seeds, offsets
+        u = uniform_from_seed(sd, off).double()
+        cum = torch.cumsum(es, dim=1)
+        tok = torch.searchsorted(cum, (u * ms)[:, None], right=True).squeeze(1)
+        over = tok >= v
+        if bool(over.any()):
+            r = over.nonzero().flatten()
+            tok[r] = v - 1 - (es[r] > 0).flip(1).int().argmax(1)
+        xt = xs.gather(1, tok[:, None]).squeeze(1).double()
+        lp = (xt - xm[:, 0].double() - lms).float()
+        if s is None:
+            tokens, logprobs = tok, lp
+        else:
+            tokens[s] = tok
+            logprobs[s] = lp
+    return tokens, logprobs
+
+
+def _draw(x, xmax, ek, seeds, offsets):
+    """The draw of :func:`_sample_sorting` for sampled rows, given the kept masses ``ek`` (>= 0):
+    the running mass is non-decreasing, so the first index where it exceeds ``u * M`` is a binary
+    search; the last-token fallback runs only for rows that need it."""
+    v = x.shape[1]
+    mass = ek.sum(1)
+    u = uniform_from_seed(seeds, offsets).double()
+    cum = torch.cumsum(ek, dim=1)
+    tok = torch.searchsorted(cum, (u * mass)[:, None], right=True).squeeze(1)
+    over = tok >= v
+    if bool(over.any()):
+        r = over.nonzero().flatten()
+        tok[r] = v - 1 - (ek[r] > 0).flip(1).int().argmax(1)
+    xt = x.gather(1, tok[:, None]).squeeze(1).double()
+    return tok, (xt - xmax[:, 0].double() - torch.log(mass)).float()
+
+
+# Candidate counts tried, in turn, for top-p thresholds before a vocabulary-wide sort.
+TOP_P_CANDIDATES = (64, 1024)
+# Relative bound on how far two summation orders of the same non-negative float64 masses can
+# differ (>> V * 2**-53 for any vocabulary below 2**31 / 1e3): within it a threshold is undecided.
+_SUM_ORDER_SLACK = 1e-7
+
+
+def _sample_top_p(logits, temperature, top_p, seeds, offsets):
+    """Rows with top-p alone (no top-k, T > 0): the threshold from the largest few values
+    (``torch.topk``) instead of a full sort, with results bit-identical to :func:`_sample_sorting`.
+
+    The sorting path's running mass over the sorted values is, on the candidates, the same
+    sequential sum; only its total ``M`` (summed in sorted order) is unknown, and it is replaced by
+    the vocabulary-order sum with a slack bound. A row whose threshold position is the same at both
+    ends of that bound, and lies among the candidates, is decided exactly; the others are returned
+    as undecided (``ok`` False) for the sorting path. Returns (tokens, logprobs, ok)."""
+    b, v = logits.shape
+    x = _scaled(logits, temperature)
+    xmax = x.max(dim=1, keepdim=True).values
+    e = x.double().sub_(xmax.double()).exp_()
+    total = e.sum(1, keepdim=True)
+    target = top_p.double()[:, None] * total
+    lo, hi = target * (1 - _SUM_ORDER_SLACK), target * (1 + _SUM_ORDER_SLACK)
+    thr = torch.full((b, 1), float("nan"), dtype=x.dtype, device=x.device)
+    todo = torch.arange(b, device=x.device)
+    for m in TOP_P_CANDIDATES:
+        if todo.numel() == 0 or m >= v:
+            break
+        xs = torch.topk(x[todo], m, dim=1).values                        # descending
+        cum = torch.cumsum(torch.exp(xs.double() - xmax[todo].double()), dim=1)
+        f_lo = torch.searchsorted(cum, lo[todo])
+        f_hi = torch.searchsorted(cum, hi[todo])
+        ok = (f_lo == f_hi)[:, 0] & (cum[:, -1:] >= hi[todo])[:, 0]
+        thr[todo[ok]] = xs.gather(1, f_lo.clamp(max=m - 1))[ok]
+        todo = todo[~ok]
+    ok = ~torch.isnan(thr[:, 0])
+    keep = x >= thr                                       # NaN threshold: nothing kept (undecided rows)
+    ek = e.masked_fill_(~keep, 0.0)                       # == e * keep
+    tokens = torch.zeros(b, dtype=torch.int64, device=x.device)
+    logprobs = torch.zeros(b, dtype=torch.float32, device=x.device)
+    r = ok.nonzero().flatten()
+    if r.numel() == b:
+        tokens, logprobs = _draw(x, xmax, ek, seeds, offsets)
+    elif r.numel():
+        tokens[r], logprobs[r] = _draw(x[r], xmax[r], ek[r], seeds[r], offsets[r])
+    return tokens, logprobs, ok
+
+
+def sample_tokens_torch(logits, temperature, top_k, top_p, seeds, offsets):
+    """Reference implementation (the CPU path). Every row's result is what :func:`_sample_sorting`
+    gives it, bit for bit; rows without top-k/top-p take :func:`_sample_unfiltered`, rows with
+    top-p alone :func:`_sample_top_p` (a partial top-k with the sort as its fallback), and rows with
+    top-k the sorting path."""
+    b, v = logits.shape
+    greedy = temperature == 0
+    use_k = (top_k > 0) & (top_k < v) & ~greedy
+    use_p = (top_p < 1) & ~greedy
+    n_k, n_p = int(use_k.sum()), int((use_p & ~use_k).sum())
+    if n_k == 0 and n_p == 0:
+        return _sample_unfiltered(logits, temperature, seeds, offsets)
+    if n_k == b:
+        return _sample_sorting(logits, temperature, top_k, top_p, seeds, offsets)
+    tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
+    # Any bad row raises, listing every bad row, before anything else runs.
+    _scaled(logits, temperature)
+    sort_rows = use_k
+    if n_p:
+        p = (use_p & ~use_k).nonzero().flatten()
+        tp, lp, ok = _sample_top_p(logits[p], temperature[p], top_p[p], seeds[p], offsets[p])
+        tokens[p[ok]], logprobs[p[ok]] = tp[ok], lp[ok]
+        sort_rows = sort_rows.clone()
+        sort_rows[p[~ok]] = True
+    plain = ~(use_k | use_p)
+    if bool(plain.any()):
+        r = plain.nonzero().flatten()
+        tokens[r], logprobs[r] = _sample_unfiltered(logits[r], temperature[r], seeds[r], offsets[r])
+    if bool(sort_rows.any()):
+        f = sort_rows.nonzero().flatten()
+        tokens[f], logprobs[f] = _sample_sorting(logits[f], temperature[f], top_k[f], top_p[f], seeds[f], offsets[f])
     return tokens, logprobs
 
 

@@ -326,3 +326,93 @@ def test_cuda_empirical_distribution_and_errors():
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[2\]"):
         sample_tokens(bad, impl="cuda", **_params(4, device="cuda"))
+
+
+# ---------------------------------------------------------------- fast path == sorting path, bit for bit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unfiltered_path_is_bit_identical_to_the_sorting_path(dtype):
+    from vinekernels.sampling import _sample_sorting, sample_tokens_torch
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(30):
+        b, v = random.choice([(1, 5), (7, 64), (33, 1000), (64, 4096)])
+        logits, kw = _random_case(b, v, gen, dtype)
+        if trial % 3 == 0:      # no filtering at all: the fast path alone
+            kw["top_k"] = torch.zeros(b, dtype=torch.int32)
+            kw["top_p"] = torch.ones(b)
+        if trial % 5 == 0:      # every row at T = 1 skips the division
+            kw["temperature"] = torch.ones(b)
+        if trial % 7 == 0:      # -inf entries (masked vocabulary) and a spike
+            logits[:, : v // 2] = float("-inf")
+            logits[0, -1] = 80.0
+        t1, l1 = sample_tokens_torch(logits, **kw)
+        t2, l2 = _sample_sorting(logits, **kw)
+        assert torch.equal(t1, t2), trial
+        assert torch.equal(l1.view(torch.int32), l2.view(torch.int32)), trial
+
+
+def test_unfiltered_path_rejects_the_same_rows():
+    logits = torch.randn(6, 50)
+    logits[1, 3] = float("nan")
+    logits[3, 7] = float("inf")
+    logits[4] = float("-inf")
+    kw = _params(6)
+    with pytest.raises(ValueError, match=r"\[1, 3, 4\]"):
+        sample_tokens(logits, impl="torch", **kw)
+    # T small enough to overflow a finite logit to +inf is rejected too
+    logits = torch.randn(2, 50)
+    logits[1, 0] = 3e38
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        sample_tokens(logits, impl="torch", **_params(2, temperature=0.5))
+
+
+def test_unfiltered_path_falls_back_to_the_last_token_with_mass():
+    # u * M at the total can only be reached through rounding; force it with a row whose mass is
+    # all on its first token and check the fallback picks a token with mass, as the sorting path does.
+    from vinekernels.sampling import _sample_sorting, sample_tokens_torch
+
+    logits = torch.full((4, 30), -1e4)
+    logits[:, 0] = 0.0
+    kw = _params(4, seed=torch.tensor([1, 2, 3, 4]), offset=torch.tensor([0, 1, 2, 3]))
+    t1, l1 = sample_tokens_torch(logits, **kw)
+    t2, l2 = _sample_sorting(logits, **kw)
+    assert torch.equal(t1, t2) and torch.equal(l1, l2)
+    assert t1.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("v", [50, 700, 5000])
+def test_top_p_candidate_path_is_bit_identical_to_the_sorting_path(v, monkeypatch):
+    import vinekernels.sampling as smp
+
+    gen = torch.Generator().manual_seed(v)
+    decided = 0
+    for trial in range(25):
+        b = 40
+        logits = torch.randn(b, v, generator=gen) * random.choice([0.3, 1.0, 3.0, 8.0])
+        logits[::5, :3] = 4.0                       # ties at the top
+        kw = _params(b, temperature=torch.tensor([random.choice([0.0, 0.5, 1.0]) for _ in range(b)]),
+                     top_p=torch.tensor([random.choice([1.0, 0.9, 0.5, 0.99, 1e-6]) for _ in range(b)]),
+                     seed=torch.randint(0, 2**62, (b,), generator=gen), offset=trial)
+        kw["top_k"][::7] = 3                         # a few top-k rows stay on the sorting path
+        t1, l1 = smp.sample_tokens_torch(logits, **kw)
+        t2, l2 = smp._sample_sorting(logits, **kw)
+        assert torch.equal(t1, t2), trial
+        assert torch.equal(l1.view(torch.int32), l2.view(torch.int32)), trial
+        only_p = (kw["top_p"] < 1) & (kw["temperature"] > 0) & (kw["top_k"] == 0)
+        _, _, ok = smp._sample_top_p(logits[only_p], kw["temperature"][only_p], kw["top_p"][only_p],
+                                     kw["seeds"][only_p], kw["offsets"][only_p])
+        decided += int(ok.sum())
+    assert decided > 0 or v <= min(smp.TOP_P_CANDIDATES)   # the candidate path does decide rows
+
+
+def test_top_p_rows_the_candidates_cannot_decide_fall_back_to_the_sort(monkeypatch):
+    import vinekernels.sampling as smp
+
+    monkeypatch.setattr(smp, "TOP_P_CANDIDATES", (4,))
+    logits = torch.zeros(3, 300)                     # flat rows: the nucleus is far beyond 4 candidates
+    kw = _params(3, top_p=0.9, seed=torch.tensor([1, 2, 3]))
+    _, _, ok = smp._sample_top_p(logits, kw["temperature"], kw["top_p"], kw["seeds"], kw["offsets"])
+    assert not bool(ok.any())
+    t1, l1 = smp.sample_tokens_torch(logits, **kw)
+    t2, l2 = smp._sample_sorting(logits, **kw)
+    assert torch.equal(t1, t2) and torch.equal(l1, l2)

@@ -29,6 +29,10 @@ ACTIVATION_RESERVE_FIXED_BYTES = 512 * 2**20
 RUNNER_KWARGS = ("num_pages", "page_size", "memory_fraction", "dtype", "device", "use_cuda_graphs",
                  "max_model_len", "cuda_graph_max_batch_size")
 
+# CPU forwards use one QKV and one gate-up matmul per layer (FusedProjections); the outputs are the
+# same bits as the separate matmuls on CPU BLAS. False restores the separate matmuls.
+FUSE_PROJECTIONS_ON_CPU = True
+
 _LINEARS = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
@@ -53,6 +57,49 @@ class LayerWeights:
     up_b: torch.Tensor | None
     down_w: torch.Tensor
     down_b: torch.Tensor | None
+
+
+class FusedProjections:
+    """One QKV and one gate-up weight per layer (row concatenations of the model's own tensors),
+    for CPU forwards: one matmul instead of three (two), with bit-identical outputs on CPU BLAS
+    (each output column is the same dot product). The concatenations are copies, so they are
+    rebuilt whenever a source tensor changes: its storage (``data_ptr``) or its in-place version
+    counter (bumped by optimizer steps, ``copy_`` and ``load_state_dict``). Writes through
+    ``param.data`` bypass the version counter and are not seen; call ``ModelRunner.update_weights``
+    or ``invalidate()`` after such writes."""
+
+    def __init__(self):
+        self._layers: list[tuple] = []
+        self._keys: list[tuple] = []
+
+    def invalidate(self) -> None:
+        self._layers, self._keys = [], []
+
+    @staticmethod
+    def _key(tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+
+    @staticmethod
+    def _cat(ws, bs):
+        w = torch.cat(ws, dim=0)
+        if all(b is None for b in bs):
+            return w, None
+        return w, torch.cat([b if b is not None else torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                             for x, b in zip(ws, bs)])
+
+    def get(self, layers: list[LayerWeights]) -> list[tuple]:
+        if len(self._layers) != len(layers):
+            self._layers = [None] * len(layers)
+            self._keys = [None] * len(layers)
+        for i, lw in enumerate(layers):
+            src = (lw.q_w, lw.k_w, lw.v_w, lw.gate_w, lw.up_w, lw.q_b, lw.k_b, lw.v_b, lw.gate_b, lw.up_b)
+            key = self._key(src)
+            if self._keys[i] != key:
+                qkv = self._cat([lw.q_w, lw.k_w, lw.v_w], [lw.q_b, lw.k_b, lw.v_b])
+                gate_up = self._cat([lw.gate_w, lw.up_w], [lw.gate_b, lw.up_b])
+                self._layers[i] = qkv + gate_up
+                self._keys[i] = key
+        return self._layers
 
 
 @dataclass
@@ -232,6 +279,7 @@ class ModelRunner:
     def _set_weights(self, weights: ModelWeights) -> None:
         self.weights = weights
         self.weights_copied = weights.copied
+        self._fused = None
 
     @property
     def kv_bytes_per_page(self) -> int:
@@ -368,14 +416,27 @@ class ModelRunner:
         w = self.weights
         t = input_ids.shape[0]
         eps = self.rms_norm_eps
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         h = F.embedding(input_ids, w.embed)
         cos, sin = self.rope.cos_sin(positions, self.dtype)
-        for lw, k_cache, v_cache in zip(w.layers, self.k_caches, self.v_caches):
+        fused = None
+        if self.device.type == "cpu" and FUSE_PROJECTIONS_ON_CPU:
+            if getattr(self, "_fused", None) is None:
+                self._fused = FusedProjections()
+            fused = self._fused.get(w.layers)
+        for i, (lw, k_cache, v_cache) in enumerate(zip(w.layers, self.k_caches, self.v_caches)):
             residual = h
             x = rms_norm(h, lw.input_norm, eps)
-            q = F.linear(x, lw.q_w, lw.q_b).view(t, self.num_heads, self.head_dim)
-            k = F.linear(x, lw.k_w, lw.k_b).view(t, self.num_kv_heads, self.head_dim)
-            v = F.linear(x, lw.v_w, lw.v_b).view(t, self.num_kv_heads, self.head_dim)
+            if fused is not None:
+                qkv_w, qkv_b, gate_up_w, gate_up_b = fused[i]
+                q, k, v = F.linear(x, qkv_w, qkv_b).split((nq, nkv, nkv), dim=1)
+                q = q.reshape(t, self.num_heads, self.head_dim)
+                k = k.reshape(t, self.num_kv_heads, self.head_dim)
+                v = v.reshape(t, self.num_kv_heads, self.head_dim)
+            else:
+                q = F.linear(x, lw.q_w, lw.q_b).view(t, self.num_heads, self.head_dim)
+                k = F.linear(x, lw.k_w, lw.k_b).view(t, self.num_kv_heads, self.head_dim)
+                v = F.linear(x, lw.v_w, lw.v_b).view(t, self.num_kv_heads, self.head_dim)
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -383,8 +444,13 @@ class ModelRunner:
             h = residual + F.linear(attn.reshape(t, self.num_heads * self.head_dim), lw.o_w, lw.o_b)
             residual = h
             x = rms_norm(h, lw.post_attention_norm, eps)
-            x = F.silu(F.linear(x, lw.gate_w, lw.gate_b)) * F.linear(x, lw.up_w, lw.up_b)
+            if fused is not None:
+                gate, up = F.linear(x, gate_up_w, gate_up_b).chunk(2, dim=1)
+                x = F.silu(gate) * up
+            else:
+                x = F.silu(F.linear(x, lw.gate_w, lw.gate_b)) * F.linear(x, lw.up_w, lw.up_b)
             h = residual + F.linear(x, lw.down_w, lw.down_b)
+        # Only the rows that sample go through the final norm and the LM head.
         h = rms_norm(h[meta.logits_indices], w.norm, eps)
         return F.linear(h, w.lm_head).float()
 
