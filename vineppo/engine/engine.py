@@ -27,12 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vinekernels import copy_pages, grow_tree_plan, plan_tree_decode, tree_plan_tails
 from vineppo.engine.block_manager import BlockManager
 from vineppo.engine.sampling import StopChecker, sample
 from vineppo.engine.scheduler import ScheduledBatch, Scheduler
 from vineppo.engine.sequence import (BranchRequest, Completion, SamplingParams, Sequence,
                                      branch_seed, sample_seed)
-from vineppo.engine.tree_plan import build_tree_segments, grow_tree_plan, tail_runs
+from vineppo.engine.tree_plan import build_tree_segments
 
 
 @dataclass
@@ -298,8 +299,6 @@ class Engine:
                 self.scheduler.drop(seq)
 
     def _step(self, batch: ScheduledBatch) -> int:
-        from vinekernels import copy_pages
-
         if batch.copy_src:
             dev = self.device
             copy_pages(self.runner.k_caches, self.runner.v_caches,
@@ -408,12 +407,10 @@ class Engine:
                 self._last_plan = _StepPlan(key, seq_lens, plan, last.tails)
                 return plan
         plan = self._new_tree_plan(seqs, seq_lens)
-        self._last_plan = _StepPlan(key, seq_lens, plan, tail_runs(plan) if plan is not None else [])
+        self._last_plan = _StepPlan(key, seq_lens, plan, tree_plan_tails(plan) if plan is not None else [])
         return plan
 
     def _new_tree_plan(self, seqs: list[Sequence], seq_lens: list[int]):
-        from vinekernels import plan_tree_decode
-
         always = self.config.tree_decode == "always"
         min_queries, min_tokens = self._tree_thresholds
         segs = build_tree_segments([s.block_table for s in seqs], seq_lens, self.page_size,
@@ -431,7 +428,7 @@ class _StepPlan:
     key: tuple            # (seq id, number of pages, last page) of each decoding sequence
     seq_lens: list[int]
     plan: object          # TreePlan, or None when the step used plain paged decode
-    tails: list[int]      # run holding each query's newest token (see tree_plan.tail_runs)
+    tails: list[int]      # run holding each query's newest token (see vinekernels.tree_plan_tails)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
