@@ -138,10 +138,10 @@ def main(argv=None) -> dict:
     cont_tokens = P * N * K * sum(L - t for t in offsets)
 
     def engine(tree: str) -> Engine:
-        cfg = EngineConfig(page_size=args.page_size, tree_decode=tree, device=args.device,
+        cfg = EngineConfig(page_size=args.page_size, tree_decode=tree,
                            max_num_seqs=1024, max_num_batched_tokens=8192,
                            use_cuda_graphs=gpu)
-        return Engine(model, config=cfg)
+        return Engine(model, config=cfg, device=args.device)
 
     results: dict[str, dict] = {}
     # Warm-up: first calls of each op pay one-time costs that would land on whichever runs first.
