@@ -97,10 +97,9 @@ def _sync(device: str) -> None:
 
 def make_engine(model, tree: str, page_size: int, device: str) -> Engine:
     """The engine every (a)-(c) row uses; only the tree-decode policy differs."""
-    cfg = EngineConfig(page_size=page_size, tree_decode=tree, device=device,
-                       max_num_seqs=1024, max_num_batched_tokens=8192,
+    cfg = EngineConfig(page_size=page_size, tree_decode=tree, max_num_seqs=1024, max_num_batched_tokens=8192,
                        use_cuda_graphs=device.startswith("cuda"))
-    return Engine(model, config=cfg)
+    return Engine(model, config=cfg, device=device)
 
 
 def matmul_rates(model, rows: int, dtype: torch.dtype, device: str, min_seconds: float = 0.1) -> dict:
@@ -256,14 +255,14 @@ def main(argv=None) -> dict:
                   f"{results[name]['decode_steps']} decode steps", flush=True)
         states = [(p, c.token_ids) for p, group in zip(prompts, trajs) for c in group]
         eng.release()
-        del eng
+        eng = None             # frees its KV pool before the next row
 
     eng = engine("never")
     state_prompts = [p + resp[:t] for p, resp in states for t in offsets]
     state_params = [SamplingParams(temperature=1.0, max_tokens=L - t, ignore_eos=True, seed=3, n=K)
                     for _ in states for t in offsets]
     timed("c_reprefill_fork_paged_decode", lambda: eng.generate(state_prompts, state_params), eng)
-    del eng
+    eng = None             # frees its KV pool before the next row
 
     if not args.skip_hf and not args.skip_per_state:
         def hf():

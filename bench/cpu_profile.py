@@ -112,7 +112,7 @@ def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
     parts = {name: _best(fn, reps) for name, fn in (("projections", projections), ("attention", attention),
                                                     ("norms_rope", norms_rope), ("lm_head", lm_head),
                                                     ("sampling", sampling))}
-    del runner
+    runner = None
 
     # Whole engine decode step: one `context`-token prompt forked into `rows` samples (plain paged decode), `steps` decode steps.
     steps = 4
@@ -127,7 +127,7 @@ def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
         t2 = time.perf_counter()
         return ((t2 - t1) - (t1 - t0)) / steps        # the prefill cancels; what is left is decode steps
     step = min(one_run() for _ in range(max(1, reps // 2)))
-    del eng
+    eng = None             # frees its KV pool before the next row
     parts["python_metadata"] = max(0.0, step - sum(parts.values()))
     return {"rows": rows, "context": context, "engine_step_seconds": step, "seconds": parts,
             "tokens_per_s": rows / step}

@@ -8,7 +8,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from vineppo.metrics import read_jsonl, read_metrics
 from vineppo.tasks import Example, Grade, Task

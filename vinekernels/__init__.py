@@ -8,7 +8,8 @@ from .decode import paged_decode_attention
 from .kv_cache import copy_pages, store_kv
 from .prefill import paged_prefill_attention
 from .sampling import sample_tokens
-from .tree import TreePlan, merge_lse, plan_tree_decode, tree_decode_attention
+from .tree import (TreePlan, grow_tree_plan, merge_lse, plan_tree_decode, tree_decode_attention,
+                   tree_plan_tails)
 
 __all__ = [
     "store_kv",
@@ -16,6 +17,8 @@ __all__ = [
     "paged_decode_attention",
     "TreePlan",
     "plan_tree_decode",
+    "grow_tree_plan",
+    "tree_plan_tails",
     "tree_decode_attention",
     "merge_lse",
     "copy_pages",

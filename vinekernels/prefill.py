@@ -9,31 +9,10 @@ from the paged cache, so ``store_kv`` must run first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import _checks
 from .reference import paged_prefill_ref
-
-
-@dataclass(frozen=True)
-class PrefillConfig:
-    block_m: int    # query tokens per program
-    block_n: int    # KV tokens per tile
-    block_d: int    # head_dim padded to a power of two
-    num_warps: int
-    num_stages: int
-
-
-def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """The tile configuration the prefill kernel uses for these shapes."""
-    block_d = 1 << (head_dim - 1).bit_length()
-    if dtype == torch.float32:
-        return PrefillConfig(32, 32, block_d, num_warps=4, num_stages=1)
-    if block_d > 64:
-        return PrefillConfig(64, 32, block_d, num_warps=4, num_stages=2)
-    return PrefillConfig(64, 64, block_d, num_warps=4, num_stages=2)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -132,7 +132,6 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, return_
     """One query per sequence: q [B, Hq, D] -> out [B, Hq, D] (and lse [B, Hq] float32/64)."""
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
     cdt = _compute_dtype(q.dtype)
     if num_seqs == 0:
         out = torch.empty_like(q)

@@ -25,13 +25,13 @@ result depends only on its own segment structure, never on the other queries in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import _checks
-from .decode import DECODE_SPLIT_SIZE, MAX_ROWS, AttentionConfig, attention_tiles, decode_config
-from .reference import merge_lse_ref, tree_decode_ref
+from .configs import DECODE_SPLIT_SIZE
+from .reference import merge_lse_ref, share_reference_layout, tree_decode_ref
 
 DEFAULT_MIN_SHARED_LEN = 64
 # Shared runs are cut into longer chunks than private ones: each chunk costs every query of the
@@ -41,20 +41,6 @@ DEFAULT_SHARED_CHUNK_SIZE = 512
 # A shared run's queries are processed in items of at most this many queries; each item's
 # program grid covers them in row blocks, so this only bounds the size of one work item.
 SHARED_QUERIES_PER_ITEM = 64
-
-
-def tree_config(head_dim: int, group_size: int, dtype: torch.dtype, shared: bool) -> AttentionConfig:
-    """Tile configuration of the tree kernel: private runs use the decode tiles; shared runs stack
-    the heads of several queries into 64-row tiles."""
-    if not shared:
-        return decode_config(head_dim, group_size, dtype)
-    return attention_tiles(head_dim, group_size, dtype, MAX_ROWS)
-
-
-def merge_config(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, num_warps) of the LSE-merge kernel: 4096 elements per program."""
-    block_d = 1 << (head_dim - 1).bit_length()
-    return max(1, 4096 // block_d), block_d, 4
 
 
 @dataclass
@@ -226,6 +212,37 @@ def plan_tree_decode(segment_pages: list[list[int]], segment_lens: list[int], qu
         run_lens=views[2], entry_query=views[3], entry_partial=views[4], private_items=views[5],
         shared_items=views[6], partial_indptr=views[7], host=host,
     )
+
+
+def tree_plan_tails(plan: TreePlan) -> list[int]:
+    """The run holding each query's newest token: the last run of its merge order (the argument
+    `grow_tree_plan` takes; a decoding sequence's last page is its own, so it is a private run)."""
+    host = plan.host
+    ptr = host.query_entry_indptr
+    return [host.entry_run[host.entry_merge_order[ptr[i + 1] - 1]] for i in range(len(ptr) - 1)]
+
+
+def grow_tree_plan(plan: TreePlan, tails: list[int]) -> TreePlan | None:
+    """The plan of the next decode step of the same queries when each grew by one token inside its
+    last page (no new pages): the same runs, each query's tail run (`tails`, from
+    `tree_plan_tails`) one token longer. Returns None when that is not a pure length change (a
+    tail run is shared, or would need another chunk or page), and the caller plans afresh. The new
+    plan shares the old one's reference layout, so a decode step that stays within its pages
+    costs no planning on the host."""
+    host = plan.host
+    run_lens = list(host.run_lens)
+    for r in tails:
+        n = run_lens[r]
+        if (host.run_shared[r] or n % plan.chunk_size == 0
+                or n + 1 > len(host.run_pages[r]) * plan.page_size):
+            return None
+        run_lens[r] = n + 1
+    new = replace(plan, run_lens=torch.tensor(run_lens, dtype=torch.int32).to(plan.device),
+                  query_lens=[n + 1 for n in plan.query_lens],
+                  kv_tokens_read=plan.kv_tokens_read + len(tails),
+                  host=replace(host, run_lens=run_lens), reference_cache={})
+    share_reference_layout(plan, new)
+    return new
 
 
 def _validate_plan_inputs(segment_pages, segment_lens, query_segments, page_size, min_shared_len, chunk_size):

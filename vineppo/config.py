@@ -26,6 +26,7 @@ import yaml
 
 from vineppo.algos import ALGOS, AdvantageConfig, estimator
 from vineppo.distributed import DistConfig
+from vineppo.engine import EngineConfig
 from vineppo.evaluate import EvalConfig
 from vineppo.learner import PPOConfig
 from vineppo.metrics import LogConfig
@@ -37,18 +38,6 @@ from vineppo.tasks import TaskConfig
 from vineppo.trainer import RunConfig
 
 DEFAULT_PRESET = "tiny"
-
-
-@dataclass
-class EngineConfig:
-    page_size: int = setting(16, "tokens per KV page", check=">= 1")
-    num_pages: int = setting(0, "KV pages per engine (0 = from memory_fraction)", check=">= 0")
-    memory_fraction: float = setting(0.5, "fraction of free device memory for the KV cache", check="(0, 1]")
-    max_num_seqs: int = setting(256, "max sequences per engine step", check=">= 1")
-    max_num_batched_tokens: int = setting(2048, "max tokens per engine step (chunked prefill)", check=">= 1")
-    tree_decode: str = setting("auto", "prefix-shared decode: auto | always | never",
-                               choices=("auto", "always", "never"))
-    use_cuda_graphs: bool = setting(True, "capture decode steps in CUDA graphs (GPU)")
 
 
 @dataclass

@@ -193,7 +193,7 @@ def load_for_evaluation(model: str, task: str | None, data: str | None, template
     policy, tokenizer = load_policy(model_path, dtype=dtype, device=device, gguf_file=gguf_file)
     policy.eval()
     task_cfg, template = choose_task(model_path, task, data, template, task_args, task_seed)
-    engine = Engine(policy, tokenizer, EngineConfig(num_pages=num_pages or None, device=device))
+    engine = Engine(policy, tokenizer, EngineConfig(num_pages=num_pages), device=device)
     return Loaded(model_path, policy, tokenizer, task_cfg, load_task_from_config(task_cfg), template, engine, device)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from torch import nn
 
+from vineppo.engine.dtypes import resolve_dtype
 from vineppo.engine.model_runner import SUPPORTED_ARCHITECTURES, load_causal_lm
 from vineppo.settings import check_settings, setting
 
@@ -96,19 +97,6 @@ def build_model_from_config(config, seed: int = 0, dtype=None, device=None):
         model = AutoModelForCausalLM.from_config(config)
     model.to(device=device, dtype=resolve_dtype(dtype))
     return model
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    """Accepts None, a torch.dtype, or a name such as "bfloat16" / "bf16" / "float32"."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-               "float": "float32"}
-    name = aliases.get(str(dtype), str(dtype))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
 
 
 def smollm2_gguf_path() -> str | None:

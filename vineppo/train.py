@@ -27,7 +27,7 @@ from vineppo.algos import estimator
 from vineppo.config import TrainConfig, command_line_fields, load_config
 from vineppo.distributed import (DistContext, barrier, broadcast_object, destroy_distributed,
                                  enable_activation_checkpointing, init_distributed, shard_model)
-from vineppo.engine import Engine, EngineConfig
+from vineppo.engine import Engine
 from vineppo.learner import Learner, TrainingStopped, total_optimizer_steps
 from vineppo.metrics import RunLog
 from vineppo.models import ValueModel, load_policy, resolve_dtype, resolve_model_name
@@ -193,12 +193,7 @@ def assemble_run(cfg: TrainConfig, ctx: DistContext, policy, tokenizer, task, ru
         # engine's dtype differs, e.g. bfloat16 sampling of a float32-trained policy on GPU)
         engine_model = policy
 
-    e = cfg.engine
-    engine = Engine(engine_model, tokenizer, EngineConfig(
-        page_size=e.page_size, num_pages=e.num_pages or None, memory_fraction=e.memory_fraction,
-        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        dtype=str(engine_dtype).replace("torch.", ""), device=str(ctx.device),
-        use_cuda_graphs=e.use_cuda_graphs, tree_decode=e.tree_decode))
+    engine = Engine(engine_model, tokenizer, cfg.engine, dtype=engine_dtype, device=ctx.device)
 
     steps = total_optimizer_steps(cfg.ppo, cfg.rollout.num_prompts * cfg.rollout.num_samples)
     resume_it = checkpoint.read_trainer_state(ckpt).iteration if ckpt is not None else None

@@ -447,7 +447,9 @@ def test_static_padded_decode_batches_match_plain_decode():
     model = make_model("llama", seed=21, num_key_value_heads=2)
     static = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_model_len=96)
     plain = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_model_len=96)
-    static._graphs = staged = DecodeCudaGraphs(static, max_batch_size=6, capture=False)
+    static._graphs = staged = DecodeCudaGraphs(static.forward_eager, device=static.device,
+                                               vocab_size=static.vocab_size, max_model_len=static.max_model_len,
+                                               page_size=static.page_size, max_batch_size=6, capture=False)
     static.use_cuda_graphs = True  # route decode-only steps through `staged`
     gen = torch.Generator().manual_seed(22)
     prompts = [random_tokens(gen, n) for n in (3, 20, 9, 70, 1)]

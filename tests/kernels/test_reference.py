@@ -382,7 +382,7 @@ def test_tree_reference_matches_float64_oracle_with_lse(monkeypatch, chunk_elems
 def test_grown_tree_plan_equals_fresh_plan():
     """A decode step that stays within its pages reuses the previous plan (grown by one token per
     query) and its reference layout; the result is bitwise that of planning afresh."""
-    from vineppo.engine.tree_plan import build_tree_segments, grow_tree_plan, tail_runs
+    from vineppo.engine.tree_plan import build_tree_segments
 
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
@@ -402,7 +402,7 @@ def test_grown_tree_plan_equals_fresh_plan():
     plan = fresh(lens)
     assert plan.num_shared_runs == 1
     vk.tree_decode_attention(q, k_cache, v_cache, plan, 0.25)      # builds the reference layout
-    grown = grow_tree_plan(plan, tail_runs(plan))
+    grown = vk.grow_tree_plan(plan, vk.tree_plan_tails(plan))
     lens1 = [n + 1 for n in lens]
     assert grown.host.run_lens == fresh(lens1).host.run_lens and grown.query_lens == lens1
     assert torch.equal(vk.tree_decode_attention(q, k_cache, v_cache, grown, 0.25),
@@ -412,4 +412,4 @@ def test_grown_tree_plan_equals_fresh_plan():
     assert rel_err(vk.tree_decode_attention(q, k_cache, v_cache, grown, 0.25), plain) < 1e-5
     # query 3 fills its last page (24 + 16 tokens): one more token needs a new page, so no growing
     full = fresh([24 + 16 if i == 3 else n for i, n in enumerate(lens1)])
-    assert grow_tree_plan(full, tail_runs(full)) is None
+    assert vk.grow_tree_plan(full, vk.tree_plan_tails(full)) is None

@@ -19,9 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from vinekernels._checks import KERNEL_DTYPES, TRITON_HEAD_DIMS  # noqa: E402
 from vinekernels._triton import kernels_for, launch  # noqa: E402
-from vinekernels.decode import decode_config  # noqa: E402
-from vinekernels.prefill import prefill_config  # noqa: E402
-from vinekernels.tree import tree_config, merge_config  # noqa: E402
+from vinekernels.configs import decode_config, merge_config, prefill_config, tree_config  # noqa: E402
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 GROUP_SIZES = range(1, 129)

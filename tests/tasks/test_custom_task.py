@@ -1,6 +1,5 @@
 """Tasks without code (task.name=custom) and from Python (task.factory, task.reward)."""
 
-import json
 import math
 import os
 import threading

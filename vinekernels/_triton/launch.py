@@ -1,8 +1,8 @@
 """Launchers for the Triton kernels (inputs already validated by the public wrappers).
 
-Tile choices come from the config functions next to each wrapper (decode_config, tree_config,
-prefill_config, merge_config; STORE_BLOCK and COPY_BLOCK here) so tests can enumerate exactly what a
-launch may compile. CUDA tensors use compiled kernels; CPU tensors use the Triton interpreter.
+Tile choices come from ``vinekernels.configs`` (decode_config, tree_config, prefill_config,
+merge_config, STORE_BLOCK, COPY_BLOCK) so tests can enumerate exactly what a launch may compile.
+CUDA tensors use compiled kernels; CPU tensors use the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 
 from . import kernels_for
-from ..decode import DECODE_SPLIT_SIZE, decode_config
-from ..prefill import prefill_config
+from ..configs import (COPY_BLOCK, DECODE_SPLIT_SIZE, STORE_BLOCK, decode_config, merge_config, prefill_config,
+                       tree_config)
+from ..reference import store_kv_ref
 
 # Tests set this to fill every output and workspace with NaN before a launch, so an element a
 # kernel fails to write cannot go unnoticed.
 POISON_OUTPUTS = False
 
 LOG2E = 1.4426950408889634
-COPY_BLOCK = 1024
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -40,20 +40,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-STORE_BLOCK = 1024
-
-
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_heads, head_dim = k.shape
     row = num_heads * head_dim
     packed = (k_cache.stride()[1:] == (row, head_dim, 1) and v_cache.stride()[1:] == (row, head_dim, 1))
     if not packed:  # cache rows are not contiguous: let torch scatter them
-        from ..reference import store_kv_ref
-
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
         return
     k = k if k.stride()[1:] == (head_dim, 1) else k.contiguous()
@@ -85,8 +76,6 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _merge(part_out, part_lse, out, out_lse, indptr=None, seq_lens=None, max_splits=0):
     """Launch the LSE merge; either indptr (CSR rows) or seq_lens (decode splits) selects rows."""
-    from ..tree import merge_config
-
     num_out, num_heads, head_dim = out.shape
     if num_out == 0:
         return
@@ -157,8 +146,6 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
 
 
 def tree_decode(q, k_cache, v_cache, plan, scale):
-    from ..tree import tree_config
-
     q = _last_dim_contiguous(q)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]

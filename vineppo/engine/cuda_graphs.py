@@ -21,14 +21,14 @@ module discards them (the runner drops this object).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from vineppo.engine.attention_metadata import AttentionMetadata
 
-if TYPE_CHECKING:
-    from vineppo.engine.model_runner import ModelRunner
+# The eager forward a graph captures: (input_ids, positions, meta) -> float32 logits.
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
 def batch_size_buckets(max_batch_size: int) -> list[int]:
@@ -58,29 +58,35 @@ def _first_at_least(buckets: list[int], n: int) -> int | None:
 
 
 class DecodeCudaGraphs:
-    """Captures and replays the runner's decode-only forward, one graph per padded batch size."""
+    """Captures and replays a decode-only forward, one graph per padded batch size and width.
 
-    def __init__(self, runner: "ModelRunner", max_batch_size: int = 256, num_warmup: int = 2,
-                 capture: bool = True):
+    `forward` is the eager forward to capture (the model runner's ``forward_eager``); `device`,
+    `vocab_size`, `max_model_len` and `page_size` are those of the model and KV cache it runs on.
+    """
+
+    def __init__(self, forward: Forward, *, device: torch.device, vocab_size: int, max_model_len: int,
+                 page_size: int, max_batch_size: int = 256, num_warmup: int = 2, capture: bool = True):
         # capture=False runs the same static, padded batches eagerly instead of replaying graphs
         # (any device): it checks the staging and padding logic where no GPU is available.
-        if capture and runner.device.type != "cuda":
+        device = torch.device(device)
+        if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.capture = capture
-        self.runner = runner
+        self.forward = forward
+        self.device = device
         self.buckets = batch_size_buckets(max_batch_size)
         self.max_batch_size = self.buckets[-1]
-        self.max_pages_per_seq = math.ceil(runner.max_model_len / runner.page_size)
-        self.widths = width_buckets(self.max_pages_per_seq, runner.page_size)
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.widths = width_buckets(self.max_pages_per_seq, page_size)
         self.num_warmup = num_warmup
-        device, n = runner.device, self.max_batch_size
+        n = self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_pages_per_seq, dtype=torch.int32, device=device)
         self.rows = torch.arange(n, dtype=torch.int64, device=device)
-        self.logits = torch.zeros(n, runner.vocab_size, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}  # (batch size, width) -> graph
         self.pool = None
 
@@ -106,7 +112,6 @@ class DecodeCudaGraphs:
         self.block_tables[start:end, 0] = 0
 
     def _capture(self, size: int, width: int) -> None:
-        runner = self.runner
         meta = self._static_meta(size, width)
         self._reset_padding(0, size)
         if not self.capture:
@@ -115,15 +120,15 @@ class DecodeCudaGraphs:
         ids, pos = self.input_ids[:size], self.positions[:size]
         # Warm up on a side stream so lazy initialisation (Triton autotuning, cuBLAS handles) is
         # not recorded into the graph.
-        stream = torch.cuda.Stream(device=runner.device)
-        stream.wait_stream(torch.cuda.current_stream(runner.device))
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(self.num_warmup):
-                self.logits[:size].copy_(runner.forward_eager(ids, pos, meta))
-        torch.cuda.current_stream(runner.device).wait_stream(stream)
+                self.logits[:size].copy_(self.forward(ids, pos, meta))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[:size].copy_(runner.forward_eager(ids, pos, meta))
+            self.logits[:size].copy_(self.forward(ids, pos, meta))
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(size, width)] = graph
@@ -147,6 +152,5 @@ class DecodeCudaGraphs:
             self.graphs[key].replay()
         else:
             meta_static = self._static_meta(*key)
-            self.logits[:size].copy_(self.runner.forward_eager(self.input_ids[:size], self.positions[:size],
-                                                               meta_static))
+            self.logits[:size].copy_(self.forward(self.input_ids[:size], self.positions[:size], meta_static))
         return self.logits[meta.logits_indices]

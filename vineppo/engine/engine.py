@@ -27,41 +27,45 @@ from dataclasses import dataclass
 
 import torch
 
+from vinekernels import copy_pages, grow_tree_plan, plan_tree_decode, tree_plan_tails
 from vineppo.engine.block_manager import BlockManager
+from vineppo.engine.dtypes import resolve_dtype
 from vineppo.engine.sampling import StopChecker, sample
 from vineppo.engine.scheduler import ScheduledBatch, Scheduler
 from vineppo.engine.sequence import (BranchRequest, Completion, SamplingParams, Sequence,
                                      branch_seed, sample_seed)
-from vineppo.engine.tree_plan import build_tree_segments, grow_tree_plan, tail_runs
+from vineppo.engine.tree_plan import build_tree_segments
+from vineppo.settings import check_settings, setting
 
 
 @dataclass
 class EngineConfig:
-    page_size: int = 16
-    num_pages: int | None = None          # None: from free device memory * memory_fraction
-    memory_fraction: float = 0.5
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None      # None: the model's max_position_embeddings
-    dtype: str | None = None
-    device: str | None = None
-    use_cuda_graphs: bool = True
-    tree_decode: str = "auto"             # "auto" | "always" | "never"
-    eos_token_id: int | list[int] | None = None   # None: generation config / config / tokenizer
+    """The engine's settings; the `engine` section of the CLI (``--engine.page_size`` ...). The
+    dtype and device of the KV cache and compute are arguments of `Engine` itself."""
+
+    page_size: int = setting(16, "tokens per KV page", check=">= 1")
+    num_pages: int = setting(0, "KV pages per engine (0 = from memory_fraction)", check=">= 0")
+    memory_fraction: float = setting(0.5, "fraction of free device memory for the KV cache", check="(0, 1]")
+    max_num_seqs: int = setting(256, "max sequences per engine step", check=">= 1")
+    max_num_batched_tokens: int = setting(2048, "max tokens per engine step (chunked prefill)", check=">= 1")
+    tree_decode: str = setting("auto", "prefix-shared decode: auto | always | never",
+                               choices=("auto", "always", "never"))
+    use_cuda_graphs: bool = setting(True, "capture decode steps in CUDA graphs (GPU)")
+    max_model_len: int | None = setting(None, "context length (none = the model's max_position_embeddings)",
+                                        check=">= 1")
+    eos_token_id: list[int] | None = setting(None, "end-of-sequence token ids (none = the generation config's, "
+                                             "the model config's, or the tokenizer's)", check=">= 0")
     # "auto" shares a full-page prefix run in decode only when at least `tree_min_queries`
     # queries read it and it is at least `tree_min_tokens` tokens long; everything else of a query
     # is read like plain paged decode. None = the device default (CPU_TREE_THRESHOLDS or
     # GPU_TREE_THRESHOLDS below). "always" shares every full page read by >= 2 queries.
-    tree_min_queries: int | None = None
-    tree_min_tokens: int | None = None
+    tree_min_queries: int | None = setting(None, "tree_decode=auto: fewest queries that share a prefix run "
+                                           "(none = the device default)", check=">= 1")
+    tree_min_tokens: int | None = setting(None, "tree_decode=auto: fewest tokens of a shared prefix run "
+                                          "(none = the device default)", check=">= 0")
 
     def validate(self) -> None:
-        if self.tree_decode not in ("auto", "always", "never"):
-            raise ValueError(f"tree_decode must be 'auto', 'always' or 'never', got {self.tree_decode!r}")
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        check_settings(self)
 
 
 # Default (tree_min_queries, tree_min_tokens) of tree_decode="auto".
@@ -78,19 +82,24 @@ CPU_TREE_THRESHOLDS = (2, 16)
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+    """The rollout engine over `model` (a transformers causal LM, or a name or path to load).
+
+    `dtype` (a torch.dtype or a name, None = the model's) and `device` (None = the model's) are
+    those of the KV cache and the forward; the weights are converted once when they differ."""
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, *, dtype=None, device=None):
         from vineppo.engine.model_runner import ModelRunner
 
         self.config = config = config or EngineConfig()
         config.validate()
+        dtype = resolve_dtype(dtype)
         if isinstance(model, str):
-            model, tokenizer = _load(model, tokenizer, config)
+            model, tokenizer = _load(model, tokenizer, dtype, device)
         self.model = model
         self.tokenizer = tokenizer
-        dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
-        self.runner = ModelRunner(model, num_pages=config.num_pages, page_size=config.page_size,
+        self.runner = ModelRunner(model, num_pages=config.num_pages or None, page_size=config.page_size,
                                   memory_fraction=config.memory_fraction, dtype=dtype,
-                                  device=config.device, use_cuda_graphs=config.use_cuda_graphs)
+                                  device=device, use_cuda_graphs=config.use_cuda_graphs)
         self.page_size = self.runner.page_size
         self.max_model_len = self.runner.max_model_len
         if config.max_model_len is not None:
@@ -181,7 +190,6 @@ class Engine:
             p = _replace(params, n=k, max_tokens=budget)
             prefix = parent.token_ids[: parent.prompt_len + t]
             seqs = self._new_group(prefix, p, branch_seed(base, parent.seed, t), False, parent)
-            parent.num_pending_children += k
             groups.append(((handle, t), seqs))
         self._run([s for _, g in groups for s in g], progress, "branch")
         for key, seqs in groups:
@@ -278,28 +286,13 @@ class Engine:
                 if bar is not None and finished:
                     bar.update(finished)
         except BaseException:
-            self._abort(seqs)
+            self.scheduler.abort(seqs)  # free every page of the interrupted run: the engine stays usable
             raise
         finally:
             if bar is not None:
                 bar.close()
 
-    def _abort(self, seqs: list[Sequence]) -> None:
-        """Free every page of an interrupted run so the engine stays usable."""
-        ids = {s.seq_id for s in seqs}
-        for seq in list(self.scheduler.running):
-            if seq.seq_id in ids:
-                self.scheduler.running.remove(seq)
-                self.block_manager.release(seq.block_table)
-        self.scheduler.waiting = type(self.scheduler.waiting)(
-            s for s in self.scheduler.waiting if s.seq_id not in ids)
-        for seq in seqs:
-            if seq.seq_id in self.scheduler.kept:
-                self.scheduler.drop(seq)
-
     def _step(self, batch: ScheduledBatch) -> int:
-        from vinekernels import copy_pages
-
         if batch.copy_src:
             dev = self.device
             copy_pages(self.runner.k_caches, self.runner.v_caches,
@@ -311,10 +304,7 @@ class Engine:
         logits = self.runner.forward(input_ids, positions, meta)
         tokens, logprobs = sample(logits, sampled)
 
-        for seq, n in zip(batch.prefill_seqs, batch.prefill_lens):
-            seq.num_computed += n
-        for seq in batch.decode_seqs:
-            seq.num_computed += 1
+        self.scheduler.postprocess(batch)
         finished = 0
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
@@ -323,8 +313,6 @@ class Engine:
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
-                if seq.owner is not None:
-                    seq.owner.num_pending_children -= 1
                 finished += 1
         return finished
 
@@ -408,12 +396,10 @@ class Engine:
                 self._last_plan = _StepPlan(key, seq_lens, plan, last.tails)
                 return plan
         plan = self._new_tree_plan(seqs, seq_lens)
-        self._last_plan = _StepPlan(key, seq_lens, plan, tail_runs(plan) if plan is not None else [])
+        self._last_plan = _StepPlan(key, seq_lens, plan, tree_plan_tails(plan) if plan is not None else [])
         return plan
 
     def _new_tree_plan(self, seqs: list[Sequence], seq_lens: list[int]):
-        from vinekernels import plan_tree_decode
-
         always = self.config.tree_decode == "always"
         min_queries, min_tokens = self._tree_thresholds
         segs = build_tree_segments([s.block_table for s in seqs], seq_lens, self.page_size,
@@ -431,7 +417,7 @@ class _StepPlan:
     key: tuple            # (seq id, number of pages, last page) of each decoding sequence
     seq_lens: list[int]
     plan: object          # TreePlan, or None when the step used plain paged decode
-    tails: list[int]      # run holding each query's newest token (see tree_plan.tail_runs)
+    tails: list[int]      # run holding each query's newest token (see vinekernels.tree_plan_tails)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
@@ -452,14 +438,13 @@ def _eos_token_ids(model, tokenizer, override) -> frozenset[int]:
     return frozenset()
 
 
-def _load(name_or_path: str, tokenizer, config: EngineConfig):
+def _load(name_or_path: str, tokenizer, dtype: torch.dtype | None, device):
     """Load a causal LM (and its tokenizer when none is given) with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
-    if config.device is not None:
-        model = model.to(config.device)
+    if device is not None:
+        model = model.to(device)
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

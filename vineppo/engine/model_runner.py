@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from vineppo.engine.attention_metadata import AttentionMetadata
+from vineppo.engine.cuda_graphs import DecodeCudaGraphs
+from vineppo.engine.dtypes import resolve_dtype
 from vineppo.engine.rope import apply_rotary, build_rotary_embedding
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -110,17 +112,6 @@ class ModelWeights:
     lm_head: torch.Tensor
     named: dict[str, torch.Tensor]  # HF state-dict name -> held tensor (tied names share one tensor)
     copied: bool  # True when the tensors are copies (device/dtype conversion), not the model's own
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16', 'float32'")
-    return resolved
 
 
 def check_supported(model, max_model_len: int) -> None:
@@ -379,9 +370,9 @@ class ModelRunner:
         self._validate(input_ids, positions, meta)
         if self.use_cuda_graphs and meta.is_decode_only and meta.decode_tree_plan is None:
             if self._graphs is None:
-                from vineppo.engine.cuda_graphs import DecodeCudaGraphs
-
-                self._graphs = DecodeCudaGraphs(self, self.cuda_graph_max_batch_size)
+                self._graphs = DecodeCudaGraphs(self.forward_eager, device=self.device, vocab_size=self.vocab_size,
+                                                max_model_len=self.max_model_len, page_size=self.page_size,
+                                                max_batch_size=self.cuda_graph_max_batch_size)
             if self._graphs.can_run(meta):
                 return self._graphs.run(input_ids, positions, meta)
         return self.forward_eager(input_ids, positions, meta)

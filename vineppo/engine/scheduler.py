@@ -56,9 +56,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ queue management
     def add(self, seqs: list[Sequence]) -> None:
+        """Queue new sequences; each one with an `owner` (a kept sequence it continues) counts as a
+        pending child of it until it finishes or is aborted."""
         for seq in seqs:
             seq.status = SequenceStatus.WAITING
             self.waiting.append(seq)
+            if seq.owner is not None:
+                seq.owner.num_pending_children += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -77,10 +81,34 @@ class Scheduler:
         """Take a sequence that just finished out of the running set; keep or free its pages."""
         seq.status = SequenceStatus.FINISHED
         self.running.remove(seq)
+        if seq.owner is not None:
+            seq.owner.num_pending_children -= 1
         if seq.keep:
             self.keep(seq)
         else:
             self.bm.release(seq.block_table)
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Take the sequences of an interrupted run out of the queues and free all their pages
+        (kept ones included), so the scheduler stays usable."""
+        ids = {s.seq_id for s in seqs}
+        for seq in list(self.running):
+            if seq.seq_id in ids:
+                self.running.remove(seq)
+                self.bm.release(seq.block_table)
+        self.waiting = deque(s for s in self.waiting if s.seq_id not in ids)
+        for seq in seqs:
+            if seq.status is not SequenceStatus.FINISHED and seq.owner is not None:
+                seq.owner.num_pending_children -= 1
+            if seq.seq_id in self.kept:
+                self.drop(seq)
+
+    def postprocess(self, batch: ScheduledBatch) -> None:
+        """After the forward of `batch`: its prefill chunks and decode tokens are computed."""
+        for seq, n in zip(batch.prefill_seqs, batch.prefill_lens):
+            seq.num_computed += n
+        for seq in batch.decode_seqs:
+            seq.num_computed += 1
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:

@@ -10,12 +10,12 @@ query), so a run becomes a shared segment only when it has at least `min_queries
 is folded into one-query segments.
 
 Consecutive decode steps of the same sequences usually add one token to each sequence's own last
-page and change nothing else: `grow_tree_plan` then derives the next step's plan from the last
-one (and reuses its reference layout) instead of planning afresh.
+page and change nothing else: `vinekernels.grow_tree_plan` then derives the next step's plan from
+the last one (and reuses its reference layout) instead of planning afresh.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass
@@ -102,36 +102,3 @@ def _add(segment_pages, segment_lens, table, start: int, end: int, page_size: in
     segment_pages.append(table[start // page_size: -(-end // page_size)])
     segment_lens.append(end - start)
     return len(segment_lens) - 1
-
-
-def tail_runs(plan) -> list[int]:
-    """The run holding each query's newest token: the last run of its merge order (always a
-    private run: a decoding sequence's last page is its own)."""
-    host = plan.host
-    ptr = host.query_entry_indptr
-    return [host.entry_run[host.entry_merge_order[ptr[i + 1] - 1]] for i in range(len(ptr) - 1)]
-
-
-def grow_tree_plan(plan, tails: list[int]):
-    """The plan of the next decode step of the same queries when each grew by one token inside its
-    last page (no new pages): the same runs, each query's tail run one token longer. Returns None
-    when that is not a pure length change (a tail run is shared, or would need another chunk or
-    page), and the caller plans afresh. The new plan shares the old one's reference layout, so a
-    decode step that stays within its pages costs no planning on the host."""
-    import torch
-    from vinekernels.reference import share_reference_layout
-
-    host = plan.host
-    run_lens = list(host.run_lens)
-    for r in tails:
-        n = run_lens[r]
-        if (host.run_shared[r] or n % plan.chunk_size == 0
-                or n + 1 > len(host.run_pages[r]) * plan.page_size):
-            return None
-        run_lens[r] = n + 1
-    new = replace(plan, run_lens=torch.tensor(run_lens, dtype=torch.int32).to(plan.device),
-                  query_lens=[n + 1 for n in plan.query_lens],
-                  kv_tokens_read=plan.kv_tokens_read + len(tails),
-                  host=replace(host, run_lens=run_lens), reference_cache={})
-    share_reference_layout(plan, new)
-    return new

@@ -27,7 +27,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-from vineppo.tasks.base import PLAIN_TEMPLATE, Example, Grade, Task
+from vineppo.tasks.base import Example, Grade, Task
 from vineppo.tasks.grading import extract_gsm8k_answer, gold_number, grade_gsm8k
 
 GRADERS = ("gsm8k-number", "math-verify", "exact")
