@@ -10,7 +10,7 @@ from vineppo.engine import Engine, EngineConfig, SamplingParams
 
 def _run(model, fuse, monkeypatch, tree="auto"):
     monkeypatch.setattr(mr, "FUSE_PROJECTIONS_ON_CPU", fuse)
-    eng = Engine(model, config=EngineConfig(page_size=4, tree_decode=tree, device="cpu", max_num_seqs=64))
+    eng = Engine(model, config=EngineConfig(page_size=4, tree_decode=tree, max_num_seqs=64), device="cpu")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 11, 29)]
     out = eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=5, n=3))
