@@ -186,6 +186,7 @@ def test_cli_default_with_budget(tiny_model_dir, tmp_path, train_args):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run folder: {tmp_path / 'cli'}" in proc.stdout
     assert "done: 1 iterations" in proc.stdout
+    assert "python bench/compare_algos.py" in proc.stdout     # the default preset names its comparison
     assert [m["iteration"] for m in training_lines(tmp_path / "cli")] == [1]
     bad = subprocess.run([sys.executable, "-m", "vineppo.train", "--ppo.lrr", "1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ import torch
 
 from vineppo import checkpoint
 from vineppo.algos import estimator
-from vineppo.config import TrainConfig, command_line_fields, load_config
+from vineppo.config import DEFAULT_PRESET, TrainConfig, command_line_fields, load_config
 from vineppo.distributed import (DistContext, barrier, broadcast_object, destroy_distributed,
                                  enable_activation_checkpointing, init_distributed, shard_model)
 from vineppo.engine import Engine
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"done: {state.iteration} iterations, {time.time() - start:.0f}s total"
                   + (f", final test accuracy {acc:.3f}" if acc is not None else "")
                   + f"; run folder {os.path.abspath(run.run_dir)}", flush=True)
+            if cfg.preset == DEFAULT_PRESET:
+                print("VinePPO against PPO, GRPO and RLOO from the same SFT start, over seeds: "
+                      "python bench/compare_algos.py (results: docs/results.md)", flush=True)
         return result
     except (Interrupted, KeyboardInterrupt) as exc:
         name = exc.signal_name if isinstance(exc, Interrupted) else stop.signal_name or "SIGINT"

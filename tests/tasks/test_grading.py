@@ -154,10 +154,12 @@ def test_math_answer_extraction():
 
 
 def _bounded(fn, limit_s):
-    t0 = time.perf_counter()
+    """fn() within `limit_s` CPU seconds of this process: the grader's budget is CPU time, so the
+    bound holds on a loaded machine too."""
+    t0 = time.process_time()
     out = fn()
-    elapsed = time.perf_counter() - t0
-    assert elapsed < limit_s, f"took {elapsed:.2f}s"
+    elapsed = time.process_time() - t0
+    assert elapsed < limit_s, f"took {elapsed:.2f} CPU s"
     return out
 
 
@@ -183,7 +185,7 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("response", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
 def test_math_grader_adversarial_is_bounded(response):
-    # 1 s per comparison; allow slack for a loaded CI machine
+    # 1 CPU second per comparison, one retry
     out = _bounded(lambda: grade_math(response, "5", time_limit=1.0), 6.0)
     assert out == 0.0
 
