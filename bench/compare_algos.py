@@ -1,7 +1,7 @@
 """VinePPO against PPO, GRPO and RLOO: learning curves over seeds, on equal footing.
 
     python bench/compare_algos.py --time [--algos ...] [--time-iterations 2] --out runs/compare
-        # under /work/bin/quiet (a machine to itself): seconds per iteration of each algorithm,
+        # on a machine with nothing else running: seconds per iteration of each algorithm,
         # written to <out>/timings.json
     python bench/compare_algos.py [--preset tiny] [--algos vineppo,ppo,grpo,rloo] [--seeds 0,1,2]
                                   (--iterations N | --timings <out>/timings.json --wall-seconds W)
