@@ -48,7 +48,7 @@ def _best(fn, reps: int) -> float:
 def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
     from vinekernels import paged_decode_attention, store_kv
     from vinekernels.sampling import sample_tokens
-    from vineppo.engine.model_runner import ModelRunner, rms_norm
+    from vineppo.engine.model_runner import FUSE_PROJECTIONS_ON_CPU, FusedProjections, ModelRunner, rms_norm
     from vineppo.engine.rope import apply_rotary
 
     pages_per = -(-(context + 1) // page_size)
@@ -66,18 +66,20 @@ def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
     v = torch.randn(rows, nkv, hd)
     inter = torch.randn(rows, w.layers[0].gate_w.shape[0])
 
-    def projections():
-        for lw in w.layers:
-            fused = getattr(lw, "qkv_w", None)
+    fused = FusedProjections().get(w.layers) if FUSE_PROJECTIONS_ON_CPU else None
+
+    def projections():   # the matmuls the runner's CPU forward does
+        for i, lw in enumerate(w.layers):
             if fused is not None:
-                F.linear(x, fused, lw.qkv_b)
+                qkv_w, qkv_b, gate_up_w, gate_up_b = fused[i]
+                F.linear(x, qkv_w, qkv_b)
             else:
                 F.linear(x, lw.q_w, lw.q_b)
                 F.linear(x, lw.k_w, lw.k_b)
                 F.linear(x, lw.v_w, lw.v_b)
             F.linear(x, lw.o_w, lw.o_b)
-            if getattr(lw, "gate_up_w", None) is not None:
-                F.linear(x, lw.gate_up_w, lw.gate_up_b)
+            if fused is not None:
+                F.linear(x, gate_up_w, gate_up_b)
             else:
                 F.linear(x, lw.gate_w, lw.gate_b)
                 F.linear(x, lw.up_w, lw.up_b)
@@ -115,18 +117,23 @@ def profile(model, rows: int, context: int, page_size: int, reps: int) -> dict:
     runner = None
 
     # Whole engine decode step: one `context`-token prompt forked into `rows` samples (plain paged decode), `steps` decode steps.
-    steps = 4
+    steps = 16
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.config.vocab_size, (context,), generator=g).tolist()]   # forked n=rows: one prefill
     eng = make_engine(model, "never", page_size, "cpu")
-    def one_run():
+    def generate_seconds(max_tokens: int) -> float:
         t0 = time.perf_counter()
-        eng.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True, seed=1, n=rows))
-        t1 = time.perf_counter()
-        eng.generate(prompts, SamplingParams(max_tokens=1 + steps, ignore_eos=True, seed=1, n=rows))
-        t2 = time.perf_counter()
-        return ((t2 - t1) - (t1 - t0)) / steps        # the prefill cancels; what is left is decode steps
+        eng.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=1, n=rows))
+        return time.perf_counter() - t0
+
+    generate_seconds(1 + steps)                       # warm-up: first calls pay one-time costs
+    def one_run():
+        # the same prefill and fork in both calls cancel; what is left is `steps` decode steps
+        return (generate_seconds(1 + 2 * steps) - generate_seconds(1 + steps)) / steps
     step = min(one_run() for _ in range(max(1, reps // 2)))
+    if step <= 0:
+        raise SystemExit(f"a decode step at {rows} rows is too short to time against the prefill's noise; "
+                         "use more --rows or a larger --model-preset")
     eng = None             # frees its KV pool before the next row
     parts["python_metadata"] = max(0.0, step - sum(parts.values()))
     return {"rows": rows, "context": context, "engine_step_seconds": step, "seconds": parts,

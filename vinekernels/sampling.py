@@ -305,15 +305,7 @@ def _sample_unfiltered(logits, temperature, seeds, offsets):
         else:
             s = None
             es, xs, ms, lms, xm, sd, off = e, x, mass, logmass, xmax, seeds, offsets
-        u = uniform_from_seed(sd, off).double()
-        cum = torch.cumsum(es, dim=1)
-        tok = torch.searchsorted(cum, (u * ms)[:, None], right=True).squeeze(1)
-        over = tok >= v
-        if bool(over.any()):
-            r = over.nonzero().flatten()
-            tok[r] = v - 1 - (es[r] > 0).flip(1).int().argmax(1)
-        xt = xs.gather(1, tok[:, None]).squeeze(1).double()
-        lp = (xt - xm[:, 0].double() - lms).float()
+        tok, lp = _draw(xs, xm, es, sd, off, mass=ms, logmass=lms)
         if s is None:
             tokens, logprobs = tok, lp
         else:
@@ -322,12 +314,14 @@ def _sample_unfiltered(logits, temperature, seeds, offsets):
     return tokens, logprobs
 
 
-def _draw(x, xmax, ek, seeds, offsets):
-    """The draw of :func:`_sample_sorting` for sampled rows, given the kept masses ``ek`` (>= 0):
-    the running mass is non-decreasing, so the first index where it exceeds ``u * M`` is a binary
-    search; the last-token fallback runs only for rows that need it."""
+def _draw(x, xmax, ek, seeds, offsets, mass=None, logmass=None):
+    """The draw of :func:`_sample_sorting` for sampled rows, given the kept masses ``ek`` (>= 0)
+    and, when the caller has them, their row sums and logs: the running mass is non-decreasing, so
+    the first index where it exceeds ``u * M`` is a binary search; the last-token fallback runs
+    only for rows that need it."""
     v = x.shape[1]
-    mass = ek.sum(1)
+    mass = ek.sum(1) if mass is None else mass
+    logmass = torch.log(mass) if logmass is None else logmass
     u = uniform_from_seed(seeds, offsets).double()
     cum = torch.cumsum(ek, dim=1)
     tok = torch.searchsorted(cum, (u * mass)[:, None], right=True).squeeze(1)
@@ -336,7 +330,7 @@ def _draw(x, xmax, ek, seeds, offsets):
         r = over.nonzero().flatten()
         tok[r] = v - 1 - (ek[r] > 0).flip(1).int().argmax(1)
     xt = x.gather(1, tok[:, None]).squeeze(1).double()
-    return tok, (xt - xmax[:, 0].double() - torch.log(mass)).float()
+    return tok, (xt - xmax[:, 0].double() - logmass).float()
 
 
 # Candidate counts tried, in turn, for top-p thresholds before a vocabulary-wide sort.

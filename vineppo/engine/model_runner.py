@@ -412,7 +412,7 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         fused = None
         if self.device.type == "cpu" and FUSE_PROJECTIONS_ON_CPU:
-            if getattr(self, "_fused", None) is None:
+            if self._fused is None:
                 self._fused = FusedProjections()
             fused = self._fused.get(w.layers)
         for i, (lw, k_cache, v_cache) in enumerate(zip(w.layers, self.k_caches, self.v_caches)):
