@@ -15,6 +15,7 @@ Non-finite floats are written as ``null`` (a NaN loss is logged, not hidden).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -348,13 +349,8 @@ class _Wandb:
     """A wandb run mirroring metrics.jsonl and the completions tables."""
 
     def __init__(self, cfg: LogConfig, run_dir: str, config: dict | None):
-        wandb = _import_wandb()
-        if wandb is None:
-            raise ValueError("--log.wandb_project is set but wandb is not installed (pip install wandb)")
-        self.wandb = wandb
+        self.wandb = wandb = _import_wandb()          # LogConfig.check made sure it is installed
         name = cfg.wandb_name or os.path.basename(os.path.abspath(run_dir))
-        import hashlib
-
         run_id = "vineppo-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=name,
                               dir=run_dir, config=config, id=run_id, resume="allow")
